@@ -1,0 +1,7 @@
+"""``python -m heterofl_core`` runs the ``heterofl`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

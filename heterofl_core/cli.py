@@ -1,0 +1,159 @@
+"""The ``heterofl`` command line: sizes, control, run, reproduce, bench.
+
+Bad input (a control string, a config value, missing or corrupt data, a run
+folder that cannot be resumed) ends with a one-line message on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from typing import Any, Sequence
+
+from .config import ExperimentConfig, ConfigError, parse_control
+
+EXIT_BAD_INPUT = 2
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for any config field, the value converted to the field's type."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    hints = typing.get_type_hints(ExperimentConfig)
+    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    if not sep or key not in fields:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with KEY one of: {', '.join(sorted(fields))}")
+    kind = hints[key]
+    try:
+        if kind is bool:
+            if raw.lower() not in ("0", "1", "true", "false"):
+                raise ValueError
+            return key, raw.lower() in ("1", "true")
+        if kind in (int, float, str):
+            return key, kind(raw)
+        if key == "model_mode":
+            from .config import parse_model_mode
+            return key, parse_model_mode(raw)
+        return key, tuple(int(part) for part in raw.split(",") if part)  # milestones, resnet_blocks
+    except ValueError:
+        raise ConfigError(f"--set {key}={raw!r}: not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, metavar="NAME",
+                        help="dataset: MNIST, CIFAR10, WikiText2, or any text corpus folder in WikiText format "
+                             "under the data root (e.g. SOTU)")
+    parser.add_argument("--control", required=True, metavar="STRING",
+                        help="the authors' control string fed_users_frac_split_modelsplit_mode_norm_scale_mask, "
+                             "e.g. 1_100_0.1_iid_fix_a2-b8_bn_1_1")
+    parser.add_argument("--rounds", type=int, help="communication rounds (default: the paper's for this dataset)")
+    parser.add_argument("--local-epochs", type=int, help="local epochs per round (default: the paper's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the model, client split and every round (default 0)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set lr=0.05 --set milestones=50,100 "
+                             "--set resnet_blocks=2,2,2,2 --set mask_fill=-inf (repeatable)")
+    parser.add_argument("--data-root", metavar="DIR",
+                        help="where datasets live (default: $HETEROFL_DATA, else ./data)")
+    parser.add_argument("--out", metavar="DIR", help="run folder for config, metrics.csv and checkpoints "
+                                                      "(default: runs/<data>_<control>_seed<seed>)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
+
+
+def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = dict(_parse_override(text) for text in args.overrides)
+    overrides["seed"] = args.seed
+    if args.rounds is not None:
+        overrides["rounds"] = args.rounds
+    if args.local_epochs is not None:
+        overrides["local_epochs"] = args.local_epochs
+    return parse_control(args.control, args.data, **overrides)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .federated import run_experiment
+    cfg = _config_from_args(args)
+    out = args.out or f"runs/{cfg.dataset}_{cfg.control}_seed{cfg.seed}"
+    frame = run_experiment(cfg, data_root=args.data_root, out_dir=out, device=args.device,
+                           resume=args.resume, quiet=args.quiet)
+    last = frame[frame["round"] == frame["round"].max()]
+    summary = {row.metric: row.value for row in last.itertuples() if row.split == "test"}
+    print(f"finished {cfg.rounds} rounds -> {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    return 0
+
+
+def _cmd_sizes(args: argparse.Namespace) -> int:
+    from .sizes import format_table, mixture_sizes
+    rows = mixture_sizes(args.model, args.mode, vocab_size=args.vocab_size, resnet_blocks=tuple(args.resnet_blocks))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def _cmd_control(args: argparse.Namespace) -> int:
+    cfg = parse_control(args.string, args.data)
+    if args.json:
+        print(json.dumps(cfg.to_dict(), indent=2))
+    else:
+        width = max(len(k) for k in cfg.to_dict())
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in cfg.to_dict().items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``heterofl`` argument parser."""
+    parser = argparse.ArgumentParser(prog="heterofl", description="HeteroFL: federated learning for clients of "
+                                     "unequal compute (Diao et al., ICLR 2021).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sizes = commands.add_parser("sizes", help="parameters, FLOPs and MB per level and for a mixture",
+                                description="One row per level of the mode and one for the mixture. FLOPs follow "
+                                            "the authors' counter (spec section 8); 'FLOPs (standard)' is "
+                                            "torch.utils.flop_counter's count, shown beside it.")
+    sizes.add_argument("--model", required=True, choices=["conv", "resnet18", "transformer"], help="model family")
+    sizes.add_argument("--mode", default="a-b-c-d-e",
+                       help="levels with optional proportions, e.g. a-b-c-d-e or a2-b8 (default a-b-c-d-e)")
+    sizes.add_argument("--vocab-size", type=int, default=33278,
+                       help="transformer vocabulary (default 33278, WikiText2; the mask token is added)")
+    sizes.add_argument("--resnet-blocks", type=int, nargs=4, default=[1, 1, 1, 2], metavar="N",
+                       help="blocks per ResNet18 stage (default 1 1 1 2, the paper's; the authors' later code: 2 2 2 2)")
+    sizes.add_argument("--json", action="store_true", help="a JSON list of rows instead of a table")
+    sizes.set_defaults(handler=_cmd_sizes)
+
+    control = commands.add_parser("control", help="parse a control string and print the resolved config")
+    control.add_argument("string", help="e.g. 1_100_0.1_iid_fix_a2-b8_bn_1_1")
+    control.add_argument("--data", default="MNIST", help="dataset whose paper presets fill the rest (default MNIST)")
+    control.add_argument("--json", action="store_true", help="print JSON")
+    control.set_defaults(handler=_cmd_control)
+
+    run = commands.add_parser("run", help="run (or resume) one federated experiment",
+                              description="Runs an experiment with the paper's settings for the dataset, writes a "
+                                          "run folder (run.json, metrics.csv, checkpoint.pt, best.pt) and can resume.")
+    _add_run_options(run)
+    run.set_defaults(handler=_cmd_run)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``heterofl`` and ``python -m heterofl_core``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as error:  # ConfigError, DataError, RunError and the library's other input checks
+        print(f"heterofl {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"heterofl {args.command}: interrupted; a run continues with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

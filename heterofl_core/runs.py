@@ -1,0 +1,138 @@
+"""A run is a folder: resolved config, tidy per-round metrics, final and best checkpoints.
+
+    <out>/run.json        config, data source, code version, device, versions
+    <out>/metrics.csv     round, split, metric, value, elapsed_s (one row per number)
+    <out>/checkpoint.pt   the latest round: global state and everything needed to resume
+    <out>/best.pt         the round with the best test metric (the published convention:
+                          model selection on the test set; labelled as such)
+
+Files are written atomically (temporary file + rename), so an interrupted run
+never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .config import ExperimentConfig
+
+METRIC_COLUMNS = ("round", "split", "metric", "value", "elapsed_s")
+BEST_LABEL = "best on the test set (the published convention: model selection on test)"
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used as asked (exists without --resume, other config, ...)."""
+
+
+def code_version() -> str:
+    """``git describe`` of this checkout (with -dirty), else the package version."""
+    from . import __version__
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{__version__}+{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds beyond the model: enough to continue exactly."""
+
+    round: int = 0
+    elapsed_s: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best_round: int = 0
+    best_value: float | None = None
+
+
+class RunFolder:
+    """Reads and writes one run's folder."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    def start(self, cfg: ExperimentConfig, data_name: str, data_source: str, device: str, resume: bool) -> None:
+        """Check the folder can take this run; write run.json."""
+        if self.checkpoint.exists() and not resume:
+            raise RunError(f"{self.path} already holds a run (checkpoint.pt); pass --resume to continue it, "
+                           f"or choose another --out")
+        if resume and self.checkpoint.exists():
+            self._check_same_config(cfg)
+        record = {"config": cfg.to_dict(), "data": {"name": data_name, "source": data_source},
+                  "code_version": code_version(), "device": device, "torch": torch.__version__,
+                  "python": platform.python_version(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "best_checkpoint": BEST_LABEL}
+        atomic_write(self.path / "run.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
+
+    def _check_same_config(self, cfg: ExperimentConfig) -> None:
+        saved = self.load()["config"]
+        ours = cfg.to_dict()
+        differ = sorted(k for k in set(saved) | set(ours) if k != "rounds" and saved.get(k) != ours.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {ours.get(k)!r}" for k in differ)
+            raise RunError(f"cannot resume {self.checkpoint}: it was made with another config ({detail}); "
+                           f"use the same settings (only --rounds may change) or another --out")
+
+    def load(self) -> dict[str, Any]:
+        """The latest checkpoint (on CPU)."""
+        try:
+            return torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+        except Exception as error:  # a damaged file must not become a deep traceback
+            raise RunError(f"cannot read checkpoint {self.checkpoint}: {error}; delete the folder to start afresh") from None
+
+    def save(self, cfg: ExperimentConfig, state: dict[str, torch.Tensor], run: RunState, best: bool) -> None:
+        """Checkpoint this round (and the best one when ``best``), then the metrics CSV."""
+        payload = {"config": cfg.to_dict(), "state": {k: v.detach().cpu() for k, v in state.items()},
+                   "run": run.__dict__}
+        atomic_write(self.checkpoint, lambda f: torch.save(payload, f))
+        if best:
+            atomic_write(self.path / "best.pt", lambda f: torch.save({**payload, "label": BEST_LABEL}, f))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(run.rows)
+        atomic_write(self.path / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
+
+
+def metrics_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Tidy metrics as a DataFrame with the standard columns."""
+    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
+
+
+def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
+    """metrics.csv of a run folder (or the file itself)."""
+    path = Path(path)
+    return pd.read_csv(path / "metrics.csv" if path.is_dir() else path)

@@ -1,0 +1,82 @@
+"""Local training on a client and the server's sBN statistics pass (spec sections 4 and 7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .config import ExperimentConfig
+from .losses import cross_entropy
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input, target)
+
+
+@dataclass
+class TrainStats:
+    """Sums over a client's local steps, kept as tensors so nothing waits on the device."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    count: int
+
+    @classmethod
+    def zero(cls, device: torch.device) -> TrainStats:
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device), 0)
+
+    def add(self, other: TrainStats) -> TrainStats:
+        return TrainStats(self.loss_sum + other.loss_sum, self.correct + other.correct, self.count + other.count)
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
+    """A fresh SGD for one client and round, at the server's current learning rate."""
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def scheduled_lr(cfg: ExperimentConfig, round_: int) -> float:
+    """MultiStepLR stepped once per round: rounds 1..m1 at lr, then lr * gamma, ..."""
+    return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if m < round_)
+
+
+def train_client(model: nn.Module, batches: Callable[[], Iterable[Batch]], mask: torch.Tensor | None,
+                 cfg: ExperimentConfig, lr: float) -> TrainStats:
+    """``cfg.local_epochs`` passes of SGD over a client's batches (masked cross-entropy,
+    gradient-norm clipping every step). ``batches()`` gives one epoch's batches."""
+    model.train()
+    optimizer = make_optimizer(model.parameters(), cfg, lr)
+    stats = TrainStats.zero(next(model.parameters()).device)
+    for _ in range(cfg.local_epochs):
+        for x, y in batches():
+            logits = model(x)
+            loss = cross_entropy(logits, y, mask, cfg.mask_fill)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            optimizer.step()
+            with torch.no_grad():
+                stats = stats.add(TrainStats(loss.detach() * y.numel(), _correct(logits, y, mask, cfg.mask_fill), y.numel()))
+    return stats
+
+
+def _correct(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, fill: str) -> torch.Tensor:
+    if mask is not None:
+        logits = logits.masked_fill(~mask, 0.0 if fill == "zero" else float("-inf"))
+    return (logits.argmax(-1) == target).sum()
+
+
+@torch.no_grad()
+def sbn_statistics(model: nn.Module, inputs: Iterable[torch.Tensor]) -> nn.Module:
+    """Static BN (spec section 4): fill the running statistics of a fresh full-width model
+    (built with ``track_running_stats=True``, ``momentum=None``) with the cumulative
+    average over ``inputs`` (the whole training set), in train mode without gradients;
+    return it in eval mode."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert module.momentum is None and module.track_running_stats, "sBN needs a tracking, momentum=None BN"
+            module.reset_running_stats()
+    model.train()
+    for x in inputs:
+        model(x)
+    return model.eval()

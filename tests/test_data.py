@@ -1,0 +1,542 @@
+"""Dataset loaders on small files in the real on-disk formats, plus the real offline data when present."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+import time
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from heterofl_core import data as data_module
+from heterofl_core.data import (
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DataError,
+    ImageData,
+    TextData,
+    augment_batch,
+    batchify,
+    load_dataset,
+    resolve_data_root,
+)
+
+SHARED_DATA = Path(
+    os.environ.get("HETEROFL_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
+
+
+def pixels(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Undo normalisation: float (N, C, H, W) -> the uint8 pixel values it came from."""
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    return (x * s + m).mul(255).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------- MNIST (IDX files)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An uncompressed IDX file: magic 0x0000 08 <ndim>, big-endian dims, uint8 data."""
+    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def mnist_root(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": np.arange(50, dtype=np.uint8) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(20, dtype=np.uint8) * 3) % 10,
+    }
+    for name, array in arrays.items():
+        write_idx(raw / name, array)
+    return tmp_path, arrays
+
+
+def test_mnist_reads_raw_idx(mnist_root):
+    root, arrays = mnist_root
+    d = load_dataset("MNIST", root, download=False)
+    assert isinstance(d, ImageData) and d.name == "MNIST" and d.num_classes == 10 and not d.augment
+    assert d.train_x.shape == (50, 1, 28, 28) and d.test_x.shape == (20, 1, 28, 28)
+    assert d.train_x.dtype == torch.float32 and d.train_y.dtype == torch.int64
+    for x, name in ((d.train_x, "train-images-idx3-ubyte"), (d.test_x, "t10k-images-idx3-ubyte")):
+        assert torch.equal(pixels(x, (0.1307,), (0.3081,))[:, 0], torch.from_numpy(arrays[name]))
+    assert d.train_y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    assert d.test_y.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    assert "IDX" in d.source and str(root) in d.source
+    assert not (root / "MNIST" / "processed").exists(), "reading must not write next to the data"
+
+
+def test_mnist_missing_names_dataset_paths_and_fix(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_dataset("MNIST", tmp_path, download=False)
+    msg = str(err.value)
+    assert "MNIST not found" in msg
+    assert str(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte") in msg
+    assert "HETEROFL_DATA" in msg and "--data-root" in msg
+
+
+def test_mnist_failed_download_is_one_data_error(tmp_path, monkeypatch):
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+
+    monkeypatch.setattr("torchvision.datasets.MNIST.download", offline)
+    with pytest.raises(DataError, match="(?s)MNIST not found.*Download failed: Error downloading"):
+        load_dataset("MNIST", tmp_path, download=True)
+
+
+@pytest.mark.parametrize("name", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+def test_mnist_truncated_idx_names_the_file(mnist_root, name):
+    root, _ = mnist_root
+    path = root / "MNIST" / "raw" / name
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(DataError, match=f"{name} is truncated"):
+        load_dataset("MNIST", root, download=False)
+
+
+def test_mnist_bad_magic_and_short_header(mnist_root):
+    root, _ = mnist_root
+    path = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x03" + path.read_bytes()[4:])
+    with pytest.raises(DataError, match="magic number 2051, expected 2049"):
+        load_dataset("MNIST", root, download=False)
+    path.write_bytes(b"\x00\x00")
+    with pytest.raises(DataError, match="shorter than its IDX header"):
+        load_dataset("MNIST", root, download=False)
+
+
+def test_mnist_image_and_label_counts_must_agree(mnist_root):
+    root, arrays = mnist_root
+    write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", arrays["train-labels-idx1-ubyte"][:49])
+    with pytest.raises(DataError, match="different counts"):
+        load_dataset("MNIST", root, download=False)
+
+
+# ---------------------------------------------------------------- CIFAR10: pickled batches
+
+
+def write_cifar_batches(folder: Path, rng: np.random.Generator, per_batch: int = 4, test: int = 5) -> dict:
+    """torchvision's cifar-10-batches-py layout, tiny: data_batch_1..5, test_batch, batches.meta."""
+    folder.mkdir(parents=True)
+    written = {}
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test)]:
+        entry = {
+            "batch_label": name,
+            "labels": rng.integers(0, 10, n).tolist(),
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "filenames": [f"img_{i}.png" for i in range(n)],
+        }
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+        written[name] = entry
+    meta = {"num_cases_per_batch": per_batch, "label_names": list(CIFAR10_CLASSES), "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return written
+
+
+@pytest.mark.parametrize("where", ["CIFAR10/cifar-10-batches-py", "cifar-10-batches-py"])
+def test_cifar_pickled_batches(tmp_path, where):
+    written = write_cifar_batches(tmp_path / where, np.random.default_rng(1))
+    d = load_dataset("CIFAR10", tmp_path, download=False, cache_dir=tmp_path / "cache")
+    assert d.name == "CIFAR10" and d.augment and d.num_classes == 10
+    assert d.train_x.shape == (20, 3, 32, 32) and d.test_x.shape == (5, 3, 32, 32)
+    assert d.train_x.dtype == torch.float32 and d.test_y.dtype == torch.int64
+    train_data = np.concatenate([written[f"data_batch_{i}"]["data"] for i in range(1, 6)])
+    assert torch.equal(pixels(d.train_x, CIFAR10_MEAN, CIFAR10_STD), torch.from_numpy(train_data).view(20, 3, 32, 32))
+    assert d.train_y.tolist() == sum((written[f"data_batch_{i}"]["labels"] for i in range(1, 6)), [])
+    assert d.test_y.tolist() == written["test_batch"]["labels"]
+    assert "pickled batches" in d.source and where in d.source
+    assert not (tmp_path / "cache").exists(), "pickled batches load fast and are not cached"
+
+
+def test_cifar_corrupt_pickle_names_the_file(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_batches(folder, np.random.default_rng(2))
+    (folder / "data_batch_3").write_bytes((folder / "data_batch_3").read_bytes()[:100])
+    with pytest.raises(DataError, match="data_batch_3 is not a readable CIFAR pickle"):
+        load_dataset("CIFAR10", tmp_path, download=False)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("a pickle can run code",))
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_batches(folder, np.random.default_rng(3))
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": _RunsCode()}, protocol=2))
+    with pytest.raises(DataError, match="test_batch .*refusing to load .*print"):
+        load_dataset("CIFAR10", tmp_path, download=False)
+
+
+def test_cifar_pickle_with_wrong_contents(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar_batches(folder, np.random.default_rng(4))
+    (folder / "data_batch_1").write_bytes(pickle.dumps({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]}))
+    with pytest.raises(DataError, match=r"data_batch_1 has no uint8 'data' array of shape \(N, 3072\)"):
+        load_dataset("CIFAR10", tmp_path, download=False)
+
+
+# ---------------------------------------------------------------- CIFAR10: image folder and archive
+
+
+def write_image_folder(folder: Path, suffix: str, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
+    """folder/{train,test}/<class>/NNNN<suffix>: 2 training and 1 test image per class; returns the pixels written."""
+    written: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    for split, per_class in (("train", 2), ("test", 1)):
+        for label in reversed(CIFAR10_CLASSES):  # written out of order on purpose
+            (folder / split / label).mkdir(parents=True)
+            for i in range(per_class):
+                image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(image).save(folder / split / label / f"{i:04d}{suffix}")
+    for split in ("train", "test"):  # expected order: class name, then file name
+        for label in CIFAR10_CLASSES:
+            for path in sorted((folder / split / label).iterdir()):
+                written[split].append(np.asarray(Image.open(path).convert("RGB")))
+    return written
+
+
+def write_archive(folder: Path, archive: Path) -> None:
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(folder / split, arcname=split)
+
+
+def test_cifar_png_folder_exact_pixels_and_class_order(tmp_path):
+    written = write_image_folder(tmp_path / "CIFAR10", ".png", np.random.default_rng(5))
+    d = load_dataset("CIFAR10", tmp_path, download=False, cache_dir=tmp_path / "cache")
+    assert d.train_x.shape == (20, 3, 32, 32) and d.test_x.shape == (10, 3, 32, 32)
+    assert d.train_y.tolist() == [c for c in range(10) for _ in range(2)]  # sorted folder names = CIFAR-10 order
+    assert d.test_y.tolist() == list(range(10))
+    expected = torch.from_numpy(np.stack(written["train"])).permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    assert torch.equal(pixels(d.train_x, CIFAR10_MEAN, CIFAR10_STD), expected)
+    assert d.source.startswith("CIFAR-10 offline PNG copy from")
+    assert list(CIFAR10_CLASSES) == sorted(CIFAR10_CLASSES)
+
+
+def test_cifar_jpeg_archive_decodes_once_then_hits_cache(tmp_path, monkeypatch):
+    written = write_image_folder(tmp_path / "src", ".jpg", np.random.default_rng(6))
+    root = tmp_path / "root"
+    archive = root / "archives" / "cifar10-jpeg.tar.gz"
+    write_archive(tmp_path / "src", archive)
+    before = sorted(root.rglob("*"))
+    cache = tmp_path / "cache"
+
+    first = load_dataset("CIFAR10", root, download=False, cache_dir=cache)
+    assert first.source == f"CIFAR-10 offline JPEG copy (lossy re-encoding) from {archive}"
+    assert first.train_y.tolist() == [c for c in range(10) for _ in range(2)]
+    expected = torch.from_numpy(np.stack(written["train"])).permute(0, 3, 1, 2)
+    assert torch.equal(pixels(first.train_x, CIFAR10_MEAN, CIFAR10_STD), expected)
+    assert sorted(root.rglob("*")) == before, "nothing is written under the (possibly read-only) data root"
+    assert len(list(cache.iterdir())) == 1 and len(list(cache.glob("cifar10-*.pt"))) == 1, "one cache file, no temp left"
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again instead of using the cache")
+
+    monkeypatch.setattr(data_module, "_read_image_archive", no_decoding)
+    again = load_dataset("CIFAR10", root, download=False, cache_dir=cache)
+    assert torch.equal(again.train_x, first.train_x) and torch.equal(again.test_y, first.test_y)
+    assert again.source == first.source
+
+    os.utime(archive, ns=(time.time_ns(), time.time_ns() + 10**9))  # a changed archive is decoded again
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_dataset("CIFAR10", root, download=False, cache_dir=cache)
+
+
+def test_cifar_cache_from_env_and_unreadable_cache_rebuilt(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "CIFAR10", ".png", np.random.default_rng(7))
+    monkeypatch.setenv("HETEROFL_CACHE", str(tmp_path / "envcache"))
+    first = load_dataset("CIFAR10", tmp_path, download=False)
+    (cached,) = (tmp_path / "envcache").glob("cifar10-*.pt")
+    cached.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="unreadable cache file"):
+        again = load_dataset("CIFAR10", tmp_path, download=False)
+    assert torch.equal(again.train_x, first.train_x)
+    assert torch.load(cached, weights_only=True)["formats"] == ["PNG"], "the cache file was rewritten"
+
+
+def test_cifar_unwritable_cache_still_loads(tmp_path):
+    write_image_folder(tmp_path / "CIFAR10", ".png", np.random.default_rng(13))
+    (tmp_path / "not-a-folder").write_text("")
+    with pytest.warns(UserWarning, match="could not write cache file .*the next load decodes again"):
+        d = load_dataset("CIFAR10", tmp_path, download=False, cache_dir=tmp_path / "not-a-folder" / "cache")
+    assert d.train_x.shape == (20, 3, 32, 32)
+
+
+def test_cifar_folder_change_invalidates_cache(tmp_path):
+    write_image_folder(tmp_path / "CIFAR10", ".png", np.random.default_rng(8))
+    load_dataset("CIFAR10", tmp_path, download=False, cache_dir=tmp_path / "cache")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "CIFAR10" / "train" / "bird" / "9999.png")
+    d = load_dataset("CIFAR10", tmp_path, download=False, cache_dir=tmp_path / "cache")
+    assert d.train_x.shape[0] == 21 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+def test_cifar_archive_in_cifar10_folder(tmp_path):
+    write_image_folder(tmp_path / "src", ".jpeg", np.random.default_rng(9))
+    write_archive(tmp_path / "src", tmp_path / "root" / "CIFAR10" / "mycopy.tar.gz")
+    d = load_dataset("CIFAR10", tmp_path / "root", download=False, cache_dir=tmp_path / "cache")
+    assert "offline JPEG copy" in d.source and "mycopy.tar.gz" in d.source
+
+
+def test_cifar_truncated_archive_names_the_file(tmp_path):
+    write_image_folder(tmp_path / "src", ".jpg", np.random.default_rng(10))
+    archive = tmp_path / "root" / "archives" / "cifar10-jpeg.tar.gz"
+    write_archive(tmp_path / "src", archive)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(DataError, match="cifar10-jpeg.tar.gz is truncated or not a readable tar.gz"):
+        load_dataset("CIFAR10", tmp_path / "root", download=False, cache_dir=tmp_path / "cache")
+    assert not list(tmp_path.glob("cache/*.pt")), "nothing is cached from a broken archive"
+
+
+def test_cifar_undecodable_image_names_the_file(tmp_path):
+    write_image_folder(tmp_path / "CIFAR10", ".png", np.random.default_rng(11))
+    (tmp_path / "CIFAR10" / "test" / "ship" / "0000.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="cannot decode image .*test/ship/0000.png"):
+        load_dataset("CIFAR10", tmp_path, download=False, cache_dir=tmp_path / "cache")
+
+
+def test_cifar_wrong_image_size_or_classes(tmp_path):
+    write_image_folder(tmp_path / "CIFAR10", ".png", np.random.default_rng(12))
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / "CIFAR10" / "train" / "cat" / "0000.png")
+    with pytest.raises(DataError, match="train/cat/0000.png is 28x28, expected 32x32"):
+        load_dataset("CIFAR10", tmp_path, download=False, cache_dir=tmp_path / "cache")
+    (tmp_path / "CIFAR10" / "test" / "truck").rename(tmp_path / "CIFAR10" / "test" / "lorry")
+    with pytest.raises(DataError, match="test/ class folders .*'lorry'"):
+        load_dataset("CIFAR10", tmp_path, download=False, cache_dir=tmp_path / "cache")
+
+
+def test_cifar_missing_lists_everything_tried(tmp_path, monkeypatch):
+    with pytest.raises(DataError) as err:
+        load_dataset("CIFAR10", tmp_path, download=False, cache_dir=tmp_path / "cache")
+    msg = str(err.value)
+    assert msg.startswith("CIFAR10 not found.")
+    for path in [
+        tmp_path / "CIFAR10" / "cifar-10-batches-py",
+        tmp_path / "cifar-10-batches-py",
+        tmp_path / "CIFAR10" / "{train,test}",
+        tmp_path / "CIFAR10" / "*.tar.gz",
+        tmp_path / "archives" / "cifar10-jpeg.tar.gz",
+    ]:
+        assert str(path) in msg
+    assert "HETEROFL_DATA" in msg
+
+    def offline(self):
+        raise RuntimeError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr("torchvision.datasets.CIFAR10.download", offline)
+    with pytest.raises(DataError, match="(?s)CIFAR10 not found.*archives.*Download failed: <urlopen error"):
+        load_dataset("CIFAR10", tmp_path, download=True, cache_dir=tmp_path / "cache")
+
+
+# ---------------------------------------------------------------- augmentation and batchify
+
+
+def test_augment_batch_is_a_shifted_and_maybe_flipped_crop():
+    x = torch.randn(64, 3, 32, 32)
+    out = augment_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    seen = set()
+    for i in range(len(x)):
+        matches = [
+            (dy, dx, flip)
+            for dy in range(9)
+            for dx in range(9)
+            for flip in (False, True)
+            if torch.equal(out[i], (lambda c: c.flip(-1) if flip else c)(padded[i, :, dy : dy + 32, dx : dx + 32]))
+        ]
+        assert len(matches) == 1, f"image {i} is not one crop of the zero-padded image"
+        seen.add(matches[0])
+    assert {flip for _, _, flip in seen} == {False, True}
+    assert len({(dy, dx) for dy, dx, _ in seen}) > 20, "offsets vary over the batch"
+
+
+def test_augment_batch_reproducible_with_a_generator():
+    x = torch.randn(16, 3, 32, 32)
+    a = augment_batch(x, torch.Generator().manual_seed(1))
+    b = augment_batch(x, torch.Generator().manual_seed(1))
+    c = augment_batch(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert augment_batch(x).shape == x.shape  # global RNG when no generator
+
+
+@pytest.mark.cuda
+def test_augment_batch_on_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x = torch.randn(8, 3, 32, 32)
+    cpu = augment_batch(x, torch.Generator().manual_seed(3))
+    gpu = augment_batch(x.cuda(), torch.Generator().manual_seed(3))
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+
+
+def test_batchify_rows_are_contiguous_and_tail_dropped():
+    stream = torch.arange(13)
+    rows = batchify(stream, 4)
+    assert rows.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert batchify(torch.arange(10), 10).shape == (10, 1)
+    with pytest.raises(ValueError, match="cannot fill 11 rows"):
+        batchify(torch.arange(10), 11)
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        batchify(stream, 0)
+
+
+def test_to_moves_every_tensor_and_keeps_the_rest():
+    d = ImageData("toy", "here", torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.int64), torch.zeros(1, 1, 2, 2),
+                  torch.zeros(1, dtype=torch.int64), 10, False)
+    moved = d.to("meta")
+    assert all(t.is_meta for t in (moved.train_x, moved.train_y, moved.test_x, moved.test_y))
+    assert (moved.name, moved.source, moved.num_classes) == ("toy", "here", 10) and not d.train_x.is_meta
+    t = TextData("toy", "here", ["a", "<eos>"], torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([0]))
+    assert t.vocab_size == 2 and t.to("meta").test.is_meta and "tensor" not in repr(t)
+
+
+# ---------------------------------------------------------------- text corpora
+
+TRAIN = "\n = Title = \n\nthe cat sat\n  the dog  sat on <unk> \n"
+VALID = "the cat\nbird sat\n"
+TEST = "dog\n"
+
+
+def reference_tokens(text: str) -> list[str]:
+    """pytorch/examples word_language_model: line.split() + ['<eos>'] for every line."""
+    return [w for line in io.StringIO(text) for w in line.split() + ["<eos>"]]
+
+
+def write_corpus(folder: Path, prefix: str = "", train: str = TRAIN, valid: str = VALID, test: str = TEST) -> None:
+    folder.mkdir(parents=True)
+    for split, text in (("train", train), ("valid", valid), ("test", test)):
+        (folder / f"{prefix}{split}.tokens").write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize("name, folder, prefix", [
+    ("SOTU", "SOTU", ""),
+    ("WikiText2", "WikiText2", "wiki."),
+    ("WikiText2", "wikitext-2", "wiki."),
+    ("MyCorpus", "MyCorpus", "wiki."),
+])
+def test_text_tokenised_like_pytorch_examples(tmp_path, name, folder, prefix):
+    write_corpus(tmp_path / folder, prefix)
+    d = load_dataset(name, tmp_path, download=False)
+    assert isinstance(d, TextData) and d.name == name and str(tmp_path / folder) in d.source
+    words = reference_tokens(TRAIN)
+    assert d.vocab == list(dict.fromkeys(words)) and d.vocab[:4] == ["<eos>", "=", "Title", "the"]
+    assert d.vocab_size == len(set(words))
+    assert [d.vocab[i] for i in d.train.tolist()] == words
+    assert [d.vocab[i] for i in d.valid.tolist()] == ["the", "cat", "<eos>", "<unk>", "sat", "<eos>"]  # bird -> <unk>
+    assert [d.vocab[i] for i in d.test.tolist()] == ["dog", "<eos>"]
+    assert all(t.dtype == torch.int64 and t.dim() == 1 for t in (d.train, d.valid, d.test))
+
+
+def test_text_unknown_word_without_unk_is_an_error(tmp_path):
+    write_corpus(tmp_path / "Tiny", train="a b\n", valid="a zebra\n", test="b\n")
+    unknown = r"valid.tokens has 1 words not in the training vocabulary \(e.g. \['zebra'\]\)"
+    with pytest.raises(DataError, match=unknown):
+        load_dataset("Tiny", tmp_path, download=False)
+
+
+def test_text_not_utf8_names_the_file(tmp_path):
+    write_corpus(tmp_path / "Tiny")
+    (tmp_path / "Tiny" / "test.tokens").write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="test.tokens is not UTF-8 text"):
+        load_dataset("Tiny", tmp_path, download=False)
+
+
+def test_text_missing_or_unknown_name(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_dataset("ImageNet", tmp_path, download=True)  # only WikiText2 can be downloaded
+    msg = str(err.value)
+    assert msg.startswith("ImageNet not found.") and str(tmp_path / "ImageNet" / "{train,valid,test}.tokens") in msg
+    assert "MNIST, CIFAR10 and WikiText2" in msg
+    for bad in ("", "../x", ".hidden"):
+        with pytest.raises(DataError, match="Unknown dataset name"):
+            load_dataset(bad, tmp_path)
+
+
+def test_text_partial_folder_is_missing(tmp_path):
+    write_corpus(tmp_path / "Tiny")
+    (tmp_path / "Tiny" / "valid.tokens").unlink()
+    with pytest.raises(DataError, match="Tiny not found"):
+        load_dataset("Tiny", tmp_path)
+
+
+def test_wikitext2_download_offline_and_bad_checksum(tmp_path, monkeypatch):
+    with pytest.raises(DataError) as err:
+        load_dataset("WikiText2", tmp_path, download=False)
+    assert str(tmp_path / "wikitext-2" / "wiki.{train,valid,test}.tokens") in str(err.value)
+    assert "wikitext-2-v1.zip" in str(err.value)
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="(?s)WikiText2 not found.*Download failed: .*Name or service not known"):
+        load_dataset("WikiText2", tmp_path, download=True)
+
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"not the archive"))
+    with pytest.raises(DataError, match="wikitext-2-v1.zip has MD5 .*, expected 542ccefacc6c27f945fb54453812b3cd"):
+        load_dataset("WikiText2", tmp_path, download=True)
+    assert not list(tmp_path.iterdir()), "a download that fails its checksum is not kept"
+
+    (tmp_path / "wikitext-2-v1.zip").write_bytes(b"a stale copy")
+    with pytest.raises(DataError, match="wikitext-2-v1.zip has MD5 .*; delete it and download again"):
+        load_dataset("WikiText2", tmp_path, download=True)
+
+
+def test_resolve_data_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("HETEROFL_DATA", raising=False)
+    assert resolve_data_root(None) == Path("data")
+    monkeypatch.setenv("HETEROFL_DATA", str(tmp_path))
+    assert resolve_data_root(None) == tmp_path
+    assert resolve_data_root("~/x") == Path.home() / "x"
+
+
+# ---------------------------------------------------------------- the real offline data (skipped when absent)
+
+
+def shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set HETEROFL_SHARED_DATA to the shared data folder)")
+    return path
+
+
+def test_real_mnist():
+    shared("MNIST", "raw")
+    d = load_dataset("MNIST", SHARED_DATA, download=False)
+    assert d.train_x.shape == (60000, 1, 28, 28) and d.test_x.shape == (10000, 1, 28, 28)
+    assert d.train_y[:5].tolist() == [5, 0, 4, 1, 9]
+    mean = d.train_x.double().mean().item()
+    assert (mean * 0.3081 + 0.1307) * 255 == pytest.approx(33.318, abs=1e-3)  # the README's pixel mean
+    assert abs(mean) < 0.01 and d.train_x.std().item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_real_sotu():
+    shared("SOTU")
+    d = load_dataset("SOTU", SHARED_DATA, download=False)
+    assert d.vocab_size == 15804 and "<unk>" in d.vocab and "<eos>" in d.vocab  # 15,803 words + <eos>
+    assert (d.train.numel(), d.valid.numel(), d.test.numel()) == (1652771, 161811, 201520)
+    assert d.vocab[: 5] == ["<eos>", "=", "1790", "George", "Washington"]
+
+
+@pytest.mark.slow
+def test_real_cifar10_jpeg_copy(tmp_path):
+    shared("archives", "cifar10-jpeg.tar.gz")
+    d = load_dataset("CIFAR10", SHARED_DATA, download=False, cache_dir=tmp_path)
+    assert "offline JPEG copy" in d.source
+    assert d.train_x.shape == (50000, 3, 32, 32) and d.test_x.shape == (10000, 3, 32, 32)
+    assert d.train_y.bincount().tolist() == [5000] * 10 and d.test_y.bincount().tolist() == [1000] * 10
+    assert d.train_x.mean(dim=(0, 2, 3)).abs().max().item() < 0.01
