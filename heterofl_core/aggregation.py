@@ -30,7 +30,7 @@ def aggregate(slicer: Slicer, global_state: State, client_states: Sequence[State
     if not (len(client_states) == len(rates) == len(label_sets)):
         raise ValueError(f"got {len(client_states)} client states, {len(rates)} rates, {len(label_sets)} label sets")
     if not client_states:
-        return dict(global_state)
+        return {key: value.clone() for key, value in global_state.items()}
     slices = [slicer.slices(rate) for rate in rates]
     new_state = {}
     for key, old in global_state.items():
@@ -45,8 +45,9 @@ def aggregate(slicer: Slicer, global_state: State, client_states: Sequence[State
             region = piece.region(total)
             if mask is None:
                 region.add_(piece.local_view(local))
-            else:  # only the rows of the client's labels
-                region.addcmul_(piece.local_view(local), mask.view(-1, *[1] * (local.dim() - 1)))
+            else:  # only the rows of the client's labels (where, not a product: 0 * inf would leak)
+                rows = mask.view(-1, *[1] * (local.dim() - 1)) > 0
+                region.add_(torch.where(rows, piece.local_view(local), 0))
         count = _count(pieces, masks, old)
         new_state[key] = torch.where(count > 0, total / count.clamp(min=1), old)
     return new_state

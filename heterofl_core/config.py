@@ -22,7 +22,7 @@ NORMS = ("bn", "in", "ln", "gn", "none")
 MODEL_SPLITS = ("fix", "dynamic")
 MODELS = ("conv", "resnet18", "transformer")
 IMAGE_DATASETS = {"MNIST": "conv", "CIFAR10": "resnet18"}
-MASK_FILLS = ("zero", "-inf")
+MASK_FILLS = ("zero", "-inf")  # see losses.FILLS
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,9 @@ class ExperimentConfig:
     milestones: tuple[int, ...] = (100,)  # MultiStepLR, stepped once per round by the server
     gamma: float = 0.1
     seed: int = 0
+    # --- evaluation cost (the paper: every round, sBN over the whole training set) ---
+    eval_every: int = 1  # sBN statistics + test every k rounds and at the last round
+    sbn_samples: int = 0  # sBN statistics over this many random training samples; 0 = all of them
     # --- model options ---
     resnet_blocks: tuple[int, ...] = (1, 1, 1, 2)  # the paper's numbers; the authors' later code: (2, 2, 2, 2)
     mask_fill: str = "zero"  # what replaces logits of absent classes: zero (authors) or -inf
@@ -76,7 +79,7 @@ class ExperimentConfig:
         """The authors' control string for this config."""
         mode = "-".join(f"{level}{share}" for level, share in self.model_mode)
         return "_".join([
-            str(int(self.federated)), str(self.num_users), f"{self.frac:g}", self.data_split,
+            str(int(self.federated)), str(self.num_users), _format_frac(self.frac), self.data_split,
             self.model_split, mode, self.norm, str(int(self.scale)), str(int(self.mask)),
         ])
 
@@ -123,6 +126,12 @@ class ExperimentConfig:
         return cls(**kwargs)
 
 
+def _format_frac(frac: float) -> str:
+    """Shortest text that parses back to ``frac``: 0.1, 1, 0.05 (repr only when %g would round)."""
+    short = f"{frac:g}"
+    return short if float(short) == frac else repr(frac)
+
+
 def _validate(cfg: ExperimentConfig) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -148,6 +157,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     for name in ("lr", "gamma", "bptt", "embedding_size", "num_heads", "hidden_size", "num_layers",
                  "rounds", "local_epochs", "batch_size_train", "batch_size_test"):
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
+    need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
+    need(cfg.sbn_samples >= 0, f"sbn_samples must be >= 0 (0 = the whole training set), got {cfg.sbn_samples}")
     need(cfg.embedding_size % cfg.num_heads == 0, "embedding_size must be a multiple of num_heads")
     need(0 <= cfg.token_mask_rate < 1, f"token_mask_rate must be in [0, 1), got {cfg.token_mask_rate}")
     need(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")

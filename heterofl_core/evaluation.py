@@ -10,10 +10,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from .losses import FILLS, masked_logits
 
 
 def image_metrics(logits: torch.Tensor, target: torch.Tensor, user_index: list[torch.Tensor],
@@ -25,7 +25,7 @@ def image_metrics(logits: torch.Tensor, target: torch.Tensor, user_index: list[t
     index = torch.cat(user_index)
     owner = torch.repeat_interleave(torch.arange(len(user_index), device=logits.device),
                                     torch.tensor([len(i) for i in user_index], device=logits.device))
-    local_logits = logits[index].masked_fill(~user_masks[owner], 0.0 if fill == "zero" else float("-inf"))
+    local_logits = masked_logits(logits[index], user_masks[owner], fill)
     metrics = {
         "global_loss": F.cross_entropy(logits, target),
         "global_accuracy": (logits.argmax(1) == target).float().mean() * 100,
@@ -60,7 +60,7 @@ def text_window_metrics(logits: torch.Tensor, target: torch.Tensor, user_masks: 
     global_loss = F.cross_entropy(flat, labels)
     picked = flat.gather(1, labels[:, None]).squeeze(1)  # (P,)
     held = user_masks[:, labels]  # (U, P): is the target among the user's tokens?
-    target_logit = torch.where(held, picked, torch.zeros_like(picked) if fill == "zero" else torch.full_like(picked, -math.inf))
+    target_logit = torch.where(held, picked, torch.full_like(picked, FILLS[fill]))
     local_loss = (masked_log_partition(flat, user_masks, fill) - target_logit).mean(1)
     return global_loss, local_loss
 

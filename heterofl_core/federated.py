@@ -124,10 +124,12 @@ class Federation:
 
         state = aggregate(self.slicer, state, client_states, rates, [self.labels[u] for u in users])
         times["aggregate_s"] = clock.lap()
-        evaluated = self.evaluation_model(state, generator)
-        times["sbn_s"] = clock.lap()
-        metrics = self.workload.evaluate(evaluated, generator)
-        times["eval_s"] = clock.lap()
+        metrics = {}
+        if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
+            evaluated = self.evaluation_model(state, generator)
+            times["sbn_s"] = clock.lap()
+            metrics = self.workload.evaluate(evaluated, generator)
+            times["eval_s"] = clock.lap()
         metrics.update(train_loss=(stats.loss_sum / max(stats.count, 1)).item(),
                        train_accuracy=(stats.correct / max(stats.count, 1) * 100).item(), lr=lr)
         times["other_s"] = clock.lap()
@@ -169,13 +171,15 @@ class _Clock:
 
 def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None = None, data_root: str | Path | None = None,
                    out_dir: str | Path | None = None, device: str = "auto", resume: bool = False, quiet: bool = False,
-                   on_round: RoundCallback | None = None, eval_batch_size: int = 1000) -> pd.DataFrame:
+                   on_round: RoundCallback | None = None, eval_batch_size: int | None = None) -> pd.DataFrame:
     """Run (or resume) one experiment; return its tidy per-round metrics.
 
     With ``out_dir`` the run is a folder (runs.py) and can be resumed; ``on_round``
     is called after every round with the metrics so far (live plots in notebooks).
     """
     torch_device = resolve_device(device)
+    if eval_batch_size is None:  # CPU: batches that stay in cache; GPU: batches that fill it
+        eval_batch_size = 1000 if torch_device.type == "cuda" else 100
     if data is None:
         data = load_dataset(cfg.dataset, data_root)
     federation = Federation.assemble(cfg, data, torch_device, eval_batch_size)
@@ -197,14 +201,15 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
         run.round, run.elapsed_s = round_, run.elapsed_s + metrics["round_s"]
         run.rows.extend({"round": round_, "split": _split_of(name), "metric": name, "value": value,
                          "elapsed_s": round(run.elapsed_s, 3)} for name, value in metrics.items())
-        headline = metrics[federation.workload.headline]
-        better = run.best_value is None or (headline > run.best_value if federation.workload.higher_is_better
-                                            else headline < run.best_value)
+        headline = metrics.get(federation.workload.headline)
+        better = headline is not None and (run.best_value is None or (
+            headline > run.best_value if federation.workload.higher_is_better else headline < run.best_value))
         if better:
             run.best_round, run.best_value = round_, headline
         if folder is not None:
             folder.save(cfg, state, run, best=better)
-        bar.set_postfix_str(f"{federation.workload.headline} {headline:.4g}, round {metrics['round_s']:.1f}s")
+        if headline is not None:
+            bar.set_postfix_str(f"{federation.workload.headline} {headline:.4g}, round {metrics['round_s']:.1f}s")
         if not quiet:
             bar.write(_round_line(round_, cfg.rounds, metrics, federation.workload.headline))
         if on_round is not None:
@@ -222,7 +227,8 @@ def _split_of(metric: str) -> str:
 
 def _round_line(round_: int, rounds: int, metrics: dict[str, float], headline: str) -> str:
     local = headline.replace("global", "local")
+    tested = f"{headline} {metrics[headline]:.4g}, {local} {metrics[local]:.4g}, " if headline in metrics else ""
     phases = ", ".join(f"{name[:-2].replace('_', ' ')} {metrics[name]:.2f}"
-                       for name in ("local_training_s", "split_s", "aggregate_s", "sbn_s", "eval_s"))
-    return (f"round {round_}/{rounds}: {headline} {metrics[headline]:.4g}, {local} {metrics[local]:.4g}, "
-            f"train loss {metrics['train_loss']:.4f} | {metrics['round_s']:.2f} s ({phases})")
+                       for name in ("local_training_s", "split_s", "aggregate_s", "sbn_s", "eval_s") if name in metrics)
+    return (f"round {round_}/{rounds}: {tested}train loss {metrics['train_loss']:.4f} | "
+            f"{metrics['round_s']:.2f} s ({phases})")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+FILLS = {"zero": 0.0, "-inf": float("-inf")}  # what replaces the logits of classes a client does not hold
+
 
 def label_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Bool (num_classes,): True for the classes in ``labels``."""
@@ -15,7 +17,9 @@ def label_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def masked_logits(logits: torch.Tensor, mask: torch.Tensor, fill: str = "zero") -> torch.Tensor:
     """Replace logits of classes outside ``mask`` (last axis) by 0 (the authors' choice) or -inf."""
-    return logits.masked_fill(~mask, 0.0 if fill == "zero" else float("-inf"))
+    if fill not in FILLS:
+        raise ValueError(f"unknown mask fill {fill!r}; valid: {', '.join(FILLS)}")
+    return logits.masked_fill(~mask, FILLS[fill])
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,

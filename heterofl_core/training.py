@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import ExperimentConfig
-from .losses import cross_entropy
+from .losses import cross_entropy, masked_logits
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input, target)
 
@@ -62,7 +62,7 @@ def train_client(model: nn.Module, batches: Callable[[], Iterable[Batch]], mask:
 
 def _correct(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, fill: str) -> torch.Tensor:
     if mask is not None:
-        logits = logits.masked_fill(~mask, 0.0 if fill == "zero" else float("-inf"))
+        logits = masked_logits(logits, mask, fill)
     return (logits.argmax(-1) == target).sum()
 
 

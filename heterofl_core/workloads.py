@@ -56,8 +56,13 @@ class ImageWorkload:
         return epoch
 
     def stats_inputs(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """The whole training set (with its training augmentation), in large batches."""
-        for x in self.data.train_x.split(self.eval_batch_size):
+        """The training set (or ``cfg.sbn_samples`` random samples of it) with its training
+        augmentation, in large batches."""
+        images = self.data.train_x
+        if 0 < self.cfg.sbn_samples < len(images):
+            pick = torch.randperm(len(images), generator=generator, device=images.device)[:self.cfg.sbn_samples]
+            images = images[pick]
+        for x in images.split(self.eval_batch_size):
             yield augment_batch(x, generator) if self.data.augment else x
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ import math
 from functools import partial
 from typing import Callable, Sequence
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +31,16 @@ NUM_HEADS = 8
 PREFIX, FULL, LABELS = "prefix", "full", "labels"
 HEADS = ("heads", NUM_HEADS)
 Rules = tuple
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """These tests run thousands of small tensor ops, where intra-op threads cost more than they
+    save (and far more on a busy shared machine). Restored after each module that imports this."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 # Narrower variants of each family for the many-example tests: same structure and rules,

@@ -89,8 +89,6 @@ def test_config_is_frozen_and_replace_validates():
         cfg.replace(frac=1.5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): ExperimentConfig.control formats frac with ':g' "
-                                       "(6 significant digits), so control -> parse does not give the config back")
 def test_control_keeps_frac_exactly():
     cfg = ExperimentConfig(frac=1 / 3)
     assert parse_control(cfg.control).frac == cfg.frac

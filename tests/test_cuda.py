@@ -7,8 +7,9 @@ import torch
 
 from heterofl_core.aggregation import aggregate
 from heterofl_core.losses import cross_entropy, label_mask
-from reference import FAMILIES, RATES, SMALL_VOCAB, builder, num_classes, random_labels, random_state_like, \
-    shapes_at, slicer_for
+from reference import (FAMILIES, RATES, builder, num_classes, random_labels, random_state_like, shapes_at,
+                       slicer_for)
+from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
@@ -112,6 +113,3 @@ def test_training_round_on_gpu_equals_cpu(family):
     # the round did something: the trained states differ from their splits
     assert any(not torch.equal(cpu_trained[0][k], cpu_splits[0][k]) for k in cpu_trained[0])
 
-
-def test_small_vocab_in_use():
-    assert num_classes("transformer") == SMALL_VOCAB

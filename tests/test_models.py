@@ -15,6 +15,7 @@ from heterofl_core.models import Conv, PreActResNet18, Transformer, build_model,
 from heterofl_core.models.layers import Scaler, make_norm, make_scaler, width
 from reference import (FAMILIES, LEVELS, RATES, SMALL_VOCAB, builder, reference_conv_forward,
                        reference_resnet_forward, reference_transformer_forward)
+from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 NORMS = ("bn", "in", "ln", "gn", "none")
 
@@ -338,8 +339,6 @@ def test_masked_cross_entropy_sequence_logits():
     torch.testing.assert_close(flat, manual)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): losses.masked_logits treats any fill other than 'zero' "
-                                       "as -inf instead of refusing it")
 def test_unknown_fill_is_refused():
     with pytest.raises(ValueError):
         masked_logits(torch.zeros(1, 3), torch.tensor([True, False, True]), fill="Zero")

@@ -11,6 +11,7 @@ from heterofl_core.models import build_model
 from heterofl_core.slicing import FULL, LABELS, PREFIX, Heads, Slicer
 from reference import (FAMILIES, HEADS, LEVELS, RATES, builder, reference_local_size, reference_rules,
                        reference_split, shapes_at, slicer_for)
+from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 NORMS = ("bn", "in", "ln", "gn", "none")
 
