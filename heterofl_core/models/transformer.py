@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,7 +71,9 @@ class Transformer(nn.Module):
         self.position_embedding = nn.Embedding(bptt, e)
         self.embed_norm = nn.LayerNorm(e)
         self.dropout = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(EncoderLayer(e, heads, width(rate, hidden), dropout, scaler) for _ in range(layers))
+        # As torch.nn.TransformerEncoder in the authors' code: copies of one layer, so all start equal.
+        layer = EncoderLayer(e, heads, width(rate, hidden), dropout, scaler)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(layers))
         self.decoder_linear = nn.Linear(e, e)
         self.decoder_norm = nn.LayerNorm(e)
         self.output = nn.Linear(e, vocab_size)
