@@ -42,6 +42,7 @@ MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 # Sorted folder names give the standard CIFAR-10 label order, so an image folder needs no mapping.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_BLACK = tuple(-m / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD))  # a black pixel after normalisation
 CROP_PADDING = 4  # CIFAR10 training augmentation: random crop 32 with padding 4 (+ horizontal flip)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EOS = "<eos>"
@@ -115,21 +116,23 @@ class TextData:
         return replace(self, train=self.train.to(device), valid=self.valid.to(device), test=self.test.to(device))
 
 
-def augment_batch(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Random crop (zero padding 4) and random horizontal flip of every image, vectorised over the batch.
+def augment_batch(x: Tensor, generator: torch.Generator | None = None,
+                  fill: tuple[float, ...] = CIFAR10_BLACK) -> Tensor:
+    """Random crop (padding 4) and random horizontal flip of every image, vectorised over the batch.
 
-    Same transform as torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip
-    used by the authors, with one difference: torchvision pads the raw image with 0
-    (black, which after normalisation is -mean/std, about -2.4), while this pads the
-    already normalised tensor with 0, i.e. with the dataset's mean colour. The random
-    draws come from `generator` (on its device) and are moved to x's device, so it
-    runs on CPU and CUDA batches alike.
+    The authors' torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip pad the raw
+    image with black; ``fill`` is black after normalisation (-mean/std per channel,
+    CIFAR10's by default), so the result is the same. The random draws come from
+    ``generator`` (on its device) and are moved to x's device, so it runs on CPU and
+    CUDA batches alike.
     """
     n, c, h, w = x.shape
     device = generator.device if generator is not None else x.device
     shift = torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=generator, device=device).to(x.device)
     flip = torch.randint(0, 2, (n,), generator=generator, device=device).to(x.device).bool()
-    padded = F.pad(x, (CROP_PADDING,) * 4)  # (N, C, H+8, W+8)
+    border = torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    padded = border.expand(n, c, h + 2 * CROP_PADDING, w + 2 * CROP_PADDING).clone()  # (N, C, H+8, W+8)
+    padded[:, :, CROP_PADDING:-CROP_PADDING, CROP_PADDING:-CROP_PADDING] = x
     rows = shift[0, :, None] + torch.arange(h, device=x.device)  # (N, H)
     cols = torch.arange(w, device=x.device)
     cols = torch.where(flip[:, None], cols.flip(0), cols) + shift[1, :, None]  # (N, W); flipped crop = reversed columns

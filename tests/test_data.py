@@ -23,11 +23,13 @@ from heterofl_core.data import (
     DataError,
     ImageData,
     TextData,
+    CIFAR10_BLACK,
     augment_batch,
     batchify,
     load_dataset,
     resolve_data_root,
 )
+from fakes import TEST, TRAIN, VALID, write_corpus, write_idx  # writers shared with other test modules
 
 SHARED_DATA = Path(
     os.environ.get("HETEROFL_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -41,12 +43,6 @@ def pixels(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> 
 
 
 # ---------------------------------------------------------------- MNIST (IDX files)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """An uncompressed IDX file: magic 0x0000 08 <ndim>, big-endian dims, uint8 data."""
-    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture
@@ -346,9 +342,10 @@ def test_cifar_missing_lists_everything_tried(tmp_path, monkeypatch):
 
 def test_augment_batch_is_a_shifted_and_maybe_flipped_crop():
     x = torch.randn(64, 3, 32, 32)
-    out = augment_batch(x, torch.Generator().manual_seed(0))
+    out = augment_batch(x, torch.Generator().manual_seed(0), fill=(-1.0, 0.5, 2.0))
     assert out.shape == x.shape and out.dtype == x.dtype
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    padded = torch.cat([torch.nn.functional.pad(x[:, i:i + 1], (4, 4, 4, 4), value=v)
+                        for i, v in enumerate((-1.0, 0.5, 2.0))], dim=1)
     seen = set()
     for i in range(len(x)):
         matches = [
@@ -358,7 +355,7 @@ def test_augment_batch_is_a_shifted_and_maybe_flipped_crop():
             for flip in (False, True)
             if torch.equal(out[i], (lambda c: c.flip(-1) if flip else c)(padded[i, :, dy : dy + 32, dx : dx + 32]))
         ]
-        assert len(matches) == 1, f"image {i} is not one crop of the zero-padded image"
+        assert len(matches) == 1, f"image {i} is not one crop of the padded image"
         seen.add(matches[0])
     assert {flip for _, _, flip in seen} == {False, True}
     assert len({(dy, dx) for dy, dx, _ in seen}) > 20, "offsets vary over the batch"
@@ -406,20 +403,10 @@ def test_to_moves_every_tensor_and_keeps_the_rest():
 
 # ---------------------------------------------------------------- text corpora
 
-TRAIN = "\n = Title = \n\nthe cat sat\n  the dog  sat on <unk> \n"
-VALID = "the cat\nbird sat\n"
-TEST = "dog\n"
-
 
 def reference_tokens(text: str) -> list[str]:
     """pytorch/examples word_language_model: line.split() + ['<eos>'] for every line."""
     return [w for line in io.StringIO(text) for w in line.split() + ["<eos>"]]
-
-
-def write_corpus(folder: Path, prefix: str = "", train: str = TRAIN, valid: str = VALID, test: str = TEST) -> None:
-    folder.mkdir(parents=True)
-    for split, text in (("train", train), ("valid", valid), ("test", test)):
-        (folder / f"{prefix}{split}.tokens").write_text(text, encoding="utf-8")
 
 
 @pytest.mark.parametrize("name, folder, prefix", [
@@ -540,3 +527,12 @@ def test_real_cifar10_jpeg_copy(tmp_path):
     assert d.train_x.shape == (50000, 3, 32, 32) and d.test_x.shape == (10000, 3, 32, 32)
     assert d.train_y.bincount().tolist() == [5000] * 10 and d.test_y.bincount().tolist() == [1000] * 10
     assert d.train_x.mean(dim=(0, 2, 3)).abs().max().item() < 0.01
+
+
+def test_augment_batch_pads_with_normalised_black_by_default():
+    """torchvision pads the raw image with black; after normalisation that is -mean/std."""
+    x = torch.zeros(256, 3, 32, 32)
+    out = augment_batch(x, torch.Generator().manual_seed(0))
+    black = torch.tensor(CIFAR10_BLACK).view(1, 3, 1, 1)
+    border = (out - black).abs() < 1e-6
+    assert border.any() and ((out == 0) | border).all()
