@@ -1,0 +1,64 @@
+"""Tiny datasets written in the real on-disk formats, shared by the test modules.
+
+- MNIST: the four uncompressed IDX files under ``root/MNIST/raw`` (what ``load_dataset("MNIST", root)`` reads);
+- text: a corpus folder ``root/<name>/{train,valid,test}.tokens`` (what ``load_dataset(name, root)`` reads).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# A corpus with a title line, blank line, repeated spaces and an <unk> token (see test_data.py).
+TRAIN = "\n = Title = \n\nthe cat sat\n  the dog  sat on <unk> \n"
+VALID = "the cat\nbird sat\n"
+TEST = "dog\n"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An uncompressed IDX file: magic 0x0000 08 <ndim>, big-endian dims, uint8 data."""
+    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_corpus(folder: Path, prefix: str = "", train: str = TRAIN, valid: str = VALID, test: str = TEST) -> None:
+    """A text corpus folder: ``{prefix}{train,valid,test}.tokens``."""
+    folder.mkdir(parents=True)
+    for split, text in (("train", train), ("valid", valid), ("test", test)):
+        (folder / f"{prefix}{split}.tokens").write_text(text, encoding="utf-8")
+
+
+def write_tiny_mnist(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0) -> dict[str, np.ndarray]:
+    """MNIST-format IDX files under ``root/MNIST/raw``: balanced labels in a shuffled order, and
+    images whose brightness pattern depends on the label (so a model can learn something)."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 64, (n, 28, 28), dtype=np.uint8)
+        for i, label in enumerate(labels):  # a bright horizontal band whose row depends on the label
+            images[i, 2 + 2 * int(label): 4 + 2 * int(label), 4:24] = 255
+        arrays[f"{split}-images-idx3-ubyte"] = images
+        arrays[f"{split}-labels-idx1-ubyte"] = labels
+    for name, array in arrays.items():
+        write_idx(raw / name, array)
+    return arrays
+
+
+def tiny_text(n_tokens: int, seed: int, vocab: int = 30, line: int = 12) -> str:
+    """Random words w0..w{vocab-1}, ``line`` per line (the loader adds <eos> per line)."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in rng.integers(0, vocab, n_tokens)]
+    return "".join(" ".join(words[i:i + line]) + "\n" for i in range(0, n_tokens, line))
+
+
+def write_tiny_corpus(root: Path, name: str = "TINY", n_train: int = 600, n_test: int = 160) -> Path:
+    """A word-level corpus ``root/<name>/{train,valid,test}.tokens``; every word of valid/test
+    occurs in train (the first line of train lists the whole vocabulary)."""
+    vocabulary = " ".join(f"w{i}" for i in range(30)) + "\n"
+    write_corpus(root / name, train=vocabulary + tiny_text(n_train, 1), valid=tiny_text(n_test, 2),
+                 test=tiny_text(n_test, 3))
+    return root / name
