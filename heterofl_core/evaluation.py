@@ -42,11 +42,18 @@ def masked_log_partition(logits: torch.Tensor, masks: torch.Tensor, fill: str = 
     logsumexp = m + log(sum_{v in mask} exp(z_v - m) + (V - |mask|) exp(-m)), m = max_v z_v.
     """
     top = logits.max(dim=1, keepdim=True).values  # (P, 1)
+    if fill == "zero":  # the zeros are part of every masked row: shifting by max(top, 0) keeps exp(-top) finite
+        top = top.clamp(min=0)
     held = masks.to(logits.dtype) @ torch.exp(logits - top).T  # (U, P)
     if fill == "zero":
         absent = (masks.shape[1] - masks.sum(1, keepdim=True)).to(logits.dtype)  # (U, 1)
         held = held + absent * torch.exp(-top.T)
-    return top.T + torch.log(held)
+    out = top.T + torch.log(held)
+    # Underflow: a user's held logits all lie far below the row's max. Redo those few pairs directly.
+    users, positions = torch.nonzero(~torch.isfinite(out), as_tuple=True)
+    if len(users):
+        out[users, positions] = torch.logsumexp(masked_logits(logits[positions], masks[users], fill), dim=1)
+    return out
 
 
 def text_window_metrics(logits: torch.Tensor, target: torch.Tensor, user_masks: torch.Tensor,

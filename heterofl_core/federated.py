@@ -12,7 +12,8 @@ resumed run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,13 +23,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .aggregation import aggregate
+from .cohort import grouped_model, train_cohort, use_cohort
 from .config import LEVEL_RATES, ExperimentConfig, assign_fixed_levels, draw_dynamic_levels
 from .data import ImageData, TextData, load_dataset
 from .models import model_builder
-from .runs import RunFolder, RunState, metrics_frame
-from .slicing import Slicer
+from .runs import RunError, RunFolder, RunState, metrics_frame
+from .slicing import Slicer, State
 from .splits import ClientSplit, split_clients
-from .training import TrainStats, sbn_statistics, scheduled_lr, train_client
+from .training import Batch, TrainStats, fast_layout, reuse_host_memory, sbn_statistics, scheduled_lr, train_client
 from .workloads import Workload, make_workload
 
 RoundCallback = Callable[[int, pd.DataFrame], None]
@@ -42,7 +44,13 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for, but no CUDA device is available; use --device cpu or auto")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"bad device {device!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    return chosen
 
 
 def round_generator(seed: int, round_: int, device: torch.device) -> torch.Generator:
@@ -71,10 +79,15 @@ class Federation:
     labels: list[torch.Tensor]
     fixed_levels: list[str]
     device: torch.device
+    models: dict[tuple[float, bool], nn.Module | None] = field(default_factory=dict, repr=False)  # see model()
 
     @classmethod
     def assemble(cls, cfg: ExperimentConfig, data: ImageData | TextData, device: torch.device,
                  eval_batch_size: int = 1000) -> Federation:
+        if (cfg.model == "transformer") != isinstance(data, TextData):
+            kind = "a text corpus" if isinstance(data, TextData) else "image data"
+            raise ValueError(f"model {cfg.model!r} does not fit {data.name} ({kind}): use transformer for text, "
+                             f"conv or resnet18 for images")
         data = data.to(device)
         if cfg.federated:
             split = split_clients(data, cfg.data_split, cfg.num_users, cfg.seed)
@@ -83,11 +96,12 @@ class Federation:
         split = ClientSplit(train=[i.to(device) for i in split.train], test=[i.to(device) for i in split.test],
                             labels=[l.to(device) for l in split.labels])
         workload = make_workload(data, split, cfg, eval_batch_size)
-        build = model_builder(cfg, workload.num_classes)
+        channels = data.train_x.shape[1] if isinstance(data, ImageData) else None
+        build = model_builder(cfg, workload.num_classes, in_channels=channels)
         users = cfg.num_users if cfg.federated else 1
         levels = assign_fixed_levels(cfg.model_mode, users) if cfg.federated else [cfg.model_mode[0][0]]
         return cls(cfg, workload, Slicer(build, cfg.global_rate), build,
-                   model_builder(cfg, workload.num_classes, track_running_stats=True),
+                   model_builder(cfg, workload.num_classes, track_running_stats=True, in_channels=channels),
                    split.labels, levels, device)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
@@ -108,20 +122,7 @@ class Federation:
                   else self.fixed_levels)
         rates = [LEVEL_RATES[levels[u]] for u in users]
 
-        client_states, stats, models = [], TrainStats.zero(self.device), {}
-        times["split_s"] = times["local_training_s"] = 0.0
-        for user, rate in zip(users, rates):
-            local = self.slicer.split(state, rate)
-            times["split_s"] += clock.lap()
-            if rate not in models:
-                models[rate] = self.build(rate).to(self.device)
-            model = models[rate]
-            model.load_state_dict(local)
-            mask = self.workload_mask(user)
-            stats = stats.add(train_client(model, self.workload.client_batches(user, generator), mask, cfg, lr))
-            client_states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-            times["local_training_s"] += clock.lap()
-
+        client_states, stats = self.train_clients(state, users, rates, generator, lr, clock, times)
         state = aggregate(self.slicer, state, client_states, rates, [self.labels[u] for u in users])
         times["aggregate_s"] = clock.lap()
         metrics = {}
@@ -136,13 +137,62 @@ class Federation:
         times["round_s"] = clock.total()
         return state, {**metrics, **times}
 
+    def train_clients(self, state: State, users: list[int], rates: list[float], generator: torch.Generator, lr: float,
+                      clock: _Clock, times: dict[str, float]) -> tuple[list[State], TrainStats]:
+        """Local training of the active clients; their trained states in user order.
+
+        Clients of a width that :func:`cohort.use_cohort` picks train together as one
+        batched computation, the others one by one. Every client's batches are drawn
+        from the generator in user order either way.
+        """
+        cfg = self.cfg
+        together = {rate for rate, n in Counter(rates).items()
+                    if use_cohort(self.device, rate, n) and self.model(rate, grouped=True) is not None}
+        subs: dict[float, State] = {}  # the sub-model of each width (the same for all its clients)
+        cohorts: dict[float, list[tuple[int, list[Batch], torch.Tensor | None]]] = defaultdict(list)
+        states: list[State] = [{} for _ in users]
+        stats = TrainStats.zero(self.device)
+        times["split_s"] = times["local_training_s"] = 0.0
+        for i, (user, rate) in enumerate(zip(users, rates)):
+            if rate not in subs:
+                subs[rate] = self.slicer.split(state, rate)
+                times["split_s"] += clock.lap()
+            batches, mask = self.workload.client_batches(user, generator), self.workload_mask(user)
+            if rate in together:
+                cohorts[rate].append((i, [batch for _ in range(cfg.local_epochs) for batch in batches()], mask))
+            else:
+                model = self.model(rate)
+                model.load_state_dict(subs[rate])
+                stats = stats.add(train_client(model, batches, mask, cfg, lr))
+                states[i] = {k: v.detach().clone(memory_format=torch.contiguous_format)
+                             for k, v in model.state_dict().items()}
+            times["local_training_s"] += clock.lap()
+        for rate, members in cohorts.items():
+            trained, cohort_stats = train_cohort(self.model(rate, grouped=True), subs[rate],
+                                                 [batches for _, batches, _ in members],
+                                                 [mask for _, _, mask in members], cfg, lr)
+            for (i, _, _), client_state in zip(members, trained):
+                states[i] = client_state
+            stats = stats.add(cohort_stats)
+            times["local_training_s"] += clock.lap()
+        return states, stats
+
+    def model(self, rate: float, grouped: bool = False) -> nn.Module | None:
+        """The training model of one width, built once (channels-last); ``grouped``: its
+        cohort form (cohort.grouped_model), None when the family has none."""
+        key = (rate, grouped)
+        if key not in self.models:
+            self.models[key] = (grouped_model(self.model(rate)) if grouped
+                                else fast_layout(self.build(rate).to(self.device)))
+        return self.models[key]
+
     def workload_mask(self, user: int) -> torch.Tensor | None:
         """The user's label mask for the masked loss, or None when masking is off."""
         return self.workload.user_masks[user] if self.cfg.mask else None
 
     def evaluation_model(self, state: dict[str, torch.Tensor], generator: torch.Generator) -> nn.Module:
         """A fresh full-width copy; with sBN, its running statistics over the training set."""
-        model = self.build_eval(self.cfg.global_rate).to(self.device)
+        model = fast_layout(self.build_eval(self.cfg.global_rate).to(self.device))
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all(k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
                                       for k in missing), (missing, unexpected)
@@ -177,6 +227,8 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
     With ``out_dir`` the run is a folder (runs.py) and can be resumed; ``on_round``
     is called after every round with the metrics so far (live plots in notebooks).
     """
+    if resume and out_dir is None:
+        raise ValueError("resume needs the run folder to continue: pass out_dir (--out)")
     torch_device = resolve_device(device)
     if eval_batch_size is None:  # CPU: batches that stay in cache; GPU: batches that fill it
         eval_batch_size = 1000 if torch_device.type == "cuda" else 100
@@ -190,6 +242,9 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
         if resume and folder.checkpoint.exists():
             saved = folder.load()
             run = RunState(**saved["run"])
+            if run.round > cfg.rounds:
+                raise RunError(f"{folder.checkpoint} is at round {run.round}, past the {cfg.rounds} rounds asked for; "
+                               f"ask for at least {run.round} rounds")
             state = {k: v.to(torch_device) for k, v in saved["state"].items()}
     if state is None:
         state = federation.initial_state()

@@ -24,15 +24,17 @@ def build_model(name: str, rate: float = 1.0, **options: object) -> nn.Module:
     return MODEL_FAMILIES[name](rate, **options)
 
 
-def model_builder(cfg: ExperimentConfig, num_classes: int, track_running_stats: bool = False) -> Callable[[float], nn.Module]:
-    """``rate -> model`` for this experiment: ``num_classes`` is the vocabulary size for text."""
+def model_builder(cfg: ExperimentConfig, num_classes: int, track_running_stats: bool = False,
+                  in_channels: int | None = None) -> Callable[[float], nn.Module]:
+    """``rate -> model`` for this experiment: ``num_classes`` is the vocabulary size for text;
+    ``in_channels`` defaults to the family's dataset (1 for conv, 3 for resnet18)."""
     common = dict(global_rate=cfg.global_rate, scale=cfg.scale)
     if cfg.model == "transformer":
         options = dict(vocab_size=num_classes, embed=cfg.embedding_size, heads=cfg.num_heads,
                        hidden=cfg.hidden_size, layers=cfg.num_layers, dropout=cfg.dropout, bptt=cfg.bptt)
     else:
         options = dict(norm=cfg.norm, track_running_stats=track_running_stats, num_classes=num_classes,
-                       in_channels=1 if cfg.model == "conv" else 3)
+                       in_channels=in_channels or (1 if cfg.model == "conv" else 3))
         if cfg.model == "resnet18":
             options["blocks"] = cfg.resnet_blocks
     return partial(build_model, cfg.model, **common, **options)
