@@ -24,7 +24,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 reproduce: install
-	$(BIN)/heterofl sizes --model resnet18 --mode a-b-c-d-e
+	$(BIN)/heterofl reproduce --profile $(PROFILE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     run.set_defaults(handler=_cmd_run)
 
+    from .reproduce import add_command as add_reproduce
+    add_reproduce(commands)
+
+    from .bench import add_command as add_bench
+    add_bench(commands)
+
     return parser
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +53,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return chosen
 
 
+def default_eval_batch_size(device: torch.device) -> int:
+    """Batch size of the sBN pass and evaluation: on a CPU, batches whose activations stay
+    in cache and in the heap (training.reuse_host_memory); on a GPU, batches that fill it.
+    The spec allows any size for sBN (section 9); the authors' 10 only adds overhead."""
+    return 1000 if device.type == "cuda" else 100
+
+
 def round_generator(seed: int, round_: int, device: torch.device) -> torch.Generator:
     """The generator for one round's sampling, shuffling, augmentation and token masks."""
     torch.manual_seed(seed * 1_000_003 + round_)  # dropout and other global-RNG draws
@@ -79,11 +86,12 @@ class Federation:
     labels: list[torch.Tensor]
     fixed_levels: list[str]
     device: torch.device
-    models: dict[tuple[float, bool], nn.Module | None] = field(default_factory=dict, repr=False)  # see model()
+    cohorts: bool  # the family has a cohort form (cohort.grouped_model): same-width clients may train together
 
     @classmethod
     def assemble(cls, cfg: ExperimentConfig, data: ImageData | TextData, device: torch.device,
                  eval_batch_size: int = 1000) -> Federation:
+        reuse_host_memory()
         if (cfg.model == "transformer") != isinstance(data, TextData):
             kind = "a text corpus" if isinstance(data, TextData) else "image data"
             raise ValueError(f"model {cfg.model!r} does not fit {data.name} ({kind}): use transformer for text, "
@@ -100,9 +108,11 @@ class Federation:
         build = model_builder(cfg, workload.num_classes, in_channels=channels)
         users = cfg.num_users if cfg.federated else 1
         levels = assign_fixed_levels(cfg.model_mode, users) if cfg.federated else [cfg.model_mode[0][0]]
+        with torch.device("meta"):  # free, and draws no random numbers
+            cohorts = grouped_model(build(cfg.global_rate)) is not None
         return cls(cfg, workload, Slicer(build, cfg.global_rate), build,
                    model_builder(cfg, workload.num_classes, track_running_stats=True, in_channels=channels),
-                   split.labels, levels, device)
+                   split.labels, levels, device, cohorts)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The global model's initial parameters, from the config's seed."""
@@ -146,8 +156,8 @@ class Federation:
         from the generator in user order either way.
         """
         cfg = self.cfg
-        together = {rate for rate, n in Counter(rates).items()
-                    if use_cohort(self.device, rate, n) and self.model(rate, grouped=True) is not None}
+        together = {rate for rate, n in Counter(rates).items() if self.cohorts and use_cohort(self.device, rate, n)}
+        models: dict[float, nn.Module] = {}  # built in user order, as the global generator (dropout) expects
         subs: dict[float, State] = {}  # the sub-model of each width (the same for all its clients)
         cohorts: dict[float, list[tuple[int, list[Batch], torch.Tensor | None]]] = defaultdict(list)
         states: list[State] = [{} for _ in users]
@@ -157,18 +167,18 @@ class Federation:
             if rate not in subs:
                 subs[rate] = self.slicer.split(state, rate)
                 times["split_s"] += clock.lap()
+                models[rate] = fast_layout(self.build(rate).to(self.device))
             batches, mask = self.workload.client_batches(user, generator), self.workload_mask(user)
             if rate in together:
                 cohorts[rate].append((i, [batch for _ in range(cfg.local_epochs) for batch in batches()], mask))
             else:
-                model = self.model(rate)
-                model.load_state_dict(subs[rate])
-                stats = stats.add(train_client(model, batches, mask, cfg, lr))
+                models[rate].load_state_dict(subs[rate])
+                stats = stats.add(train_client(models[rate], batches, mask, cfg, lr))
                 states[i] = {k: v.detach().clone(memory_format=torch.contiguous_format)
-                             for k, v in model.state_dict().items()}
+                             for k, v in models[rate].state_dict().items()}
             times["local_training_s"] += clock.lap()
         for rate, members in cohorts.items():
-            trained, cohort_stats = train_cohort(self.model(rate, grouped=True), subs[rate],
+            trained, cohort_stats = train_cohort(grouped_model(models[rate]), subs[rate],
                                                  [batches for _, batches, _ in members],
                                                  [mask for _, _, mask in members], cfg, lr)
             for (i, _, _), client_state in zip(members, trained):
@@ -176,15 +186,6 @@ class Federation:
             stats = stats.add(cohort_stats)
             times["local_training_s"] += clock.lap()
         return states, stats
-
-    def model(self, rate: float, grouped: bool = False) -> nn.Module | None:
-        """The training model of one width, built once (channels-last); ``grouped``: its
-        cohort form (cohort.grouped_model), None when the family has none."""
-        key = (rate, grouped)
-        if key not in self.models:
-            self.models[key] = (grouped_model(self.model(rate)) if grouped
-                                else fast_layout(self.build(rate).to(self.device)))
-        return self.models[key]
 
     def workload_mask(self, user: int) -> torch.Tensor | None:
         """The user's label mask for the masked loss, or None when masking is off."""
@@ -230,8 +231,8 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
     if resume and out_dir is None:
         raise ValueError("resume needs the run folder to continue: pass out_dir (--out)")
     torch_device = resolve_device(device)
-    if eval_batch_size is None:  # CPU: batches that stay in cache; GPU: batches that fill it
-        eval_batch_size = 1000 if torch_device.type == "cuda" else 100
+    if eval_batch_size is None:
+        eval_batch_size = default_eval_batch_size(torch_device)
     if data is None:
         data = load_dataset(cfg.dataset, data_root)
     federation = Federation.assemble(cfg, data, torch_device, eval_batch_size)

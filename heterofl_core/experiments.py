@@ -1,0 +1,457 @@
+"""The experiments behind the notebooks' figures, and running them with a cache.
+
+A notebook says what it wants (the interpolation grid of a dataset, the CIFAR10
+table, the ablation) at the scale its profile asks for; this module turns that
+into configs and runs them. Every run is a run folder (runs.py) under
+
+    <runs>/<dataset>/<control>-<key>/     key = hash of (config, data subset)
+
+so a finished run is read back without training, an interrupted one continues
+from its checkpoint, and a changed config or subset gets a folder of its own.
+
+Scale: the paper's settings (spec section 7) come from ``parse_control``; a
+:class:`Scale` replaces the few fields a cheaper profile shrinks (rounds,
+users, local epochs, evaluation cost, data subsets) and says so in words
+(:meth:`Scale.reductions`), which the figures print.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .config import LEVEL_RATES, ExperimentConfig, paper_preset, parse_control
+from .data import ImageData, TextData, load_dataset
+from .federated import RoundCallback, run_experiment
+from .runs import read_metrics
+from .sizes import DEFAULT_VOCAB_SIZE, mixture_sizes
+
+LEVELS = tuple(LEVEL_RATES)  # a, b, c, d, e: widest first
+PAPER_USERS = 100
+PAPER_FRAC = 0.1
+
+
+# ----------------------------------------------------------------------------- where things live
+
+def repo_root() -> Path:
+    """The checkout this package lives in (the folder above ``heterofl_core``)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def find_data_root(data_root: str | os.PathLike | None = None) -> Path:
+    """The data root: the argument, else $HETEROFL_DATA, else ../shared/data beside the checkout, else ./data."""
+    if data_root:
+        return Path(data_root).expanduser().resolve()
+    if os.environ.get("HETEROFL_DATA"):
+        return Path(os.environ["HETEROFL_DATA"]).expanduser().resolve()
+    shared = repo_root().parent / "shared" / "data"
+    return shared.resolve() if shared.is_dir() else (Path.cwd() / "data").resolve()
+
+
+def default_out_dir() -> Path:
+    """Where a notebook run by hand keeps its runs and figures: reproduction/interactive (git-ignored)."""
+    return repo_root() / "reproduction" / "interactive"
+
+
+def notebook_paths(data_root: str | os.PathLike | None, out_dir: str | os.PathLike | None,
+                   figures_dir: str | os.PathLike | None) -> tuple[Path, Path, Path]:
+    """(data root, runs folder, figures folder) for a notebook's path parameters (``None`` = the defaults)."""
+    out = Path(out_dir).expanduser() if out_dir else default_out_dir()
+    figures = Path(figures_dir).expanduser() if figures_dir else out / "figures"
+    return find_data_root(data_root), out / "runs", figures
+
+
+def text_corpus(data_root: str | os.PathLike | None = None) -> tuple[str, str]:
+    """(corpus name, note): WikiText2 when a copy is at the data root, else SOTU, said plainly."""
+    root = find_data_root(data_root)
+    for folder in (root / "WikiText2", root / "wikitext-2"):
+        if any((folder / f"{prefix}train.tokens").is_file() for prefix in ("", "wiki.")):
+            return "WikiText2", "WikiText2"
+    if (root / "SOTU" / "train.tokens").is_file():
+        return "SOTU", ("no WikiText2 copy at the data root: the WikiText2 Transformer runs on SOTU "
+                        "(State of the Union addresses, same file format); its perplexities are not "
+                        "comparable with published WikiText2 numbers")
+    raise FileNotFoundError(f"neither WikiText2 nor SOTU found under {root}; see data.py for the layout")
+
+
+# ----------------------------------------------------------------------------- data subsets
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A dataset at a data root, optionally cut to a subset (``None`` = all of it).
+
+    Images: ``train``/``test`` random samples (seeded, the same for every run).
+    Text: the first ``train``/``test`` tokens of the streams (text must stay contiguous).
+    """
+
+    name: str
+    root: str
+    train: int | None = None
+    test: int | None = None
+    seed: int = 0
+
+    def describe(self) -> str:
+        if self.train is None and self.test is None:
+            return "whole dataset"
+        unit = "tokens" if self.name not in ("MNIST", "CIFAR10") else "samples"
+        part = lambda n, split: f"all {split}" if n is None else f"{n:,} {split}"  # noqa: E731
+        return f"subset: {part(self.train, 'train')} / {part(self.test, 'test')} {unit}"
+
+    def load(self) -> ImageData | TextData:
+        """The data (loaded once per process and spec)."""
+        return _load(self)
+
+
+@lru_cache(maxsize=8)
+def _load(spec: DataSpec) -> ImageData | TextData:
+    data = load_dataset(spec.name, spec.root, download=False)
+    return subset(data, spec.train, spec.test, spec.seed)
+
+
+def subset(data: ImageData | TextData, train: int | None, test: int | None, seed: int = 0) -> ImageData | TextData:
+    """A smaller copy of ``data``; its ``source`` says what was kept."""
+    if train is None and test is None:
+        return data
+    if isinstance(data, TextData):
+        kept = replace(data, train=data.train[:train], test=data.test[:test])
+        what = f"first {kept.train.numel():,} train / {kept.test.numel():,} test tokens"
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        pick_train = torch.randperm(len(data.train_y), generator=generator)[:train]
+        pick_test = torch.randperm(len(data.test_y), generator=generator)[:test]
+        kept = replace(data, train_x=data.train_x[pick_train], train_y=data.train_y[pick_train],
+                       test_x=data.test_x[pick_test], test_y=data.test_y[pick_test])
+        what = f"random {len(kept.train_y):,} train / {len(kept.test_y):,} test images (seed {seed})"
+    return replace(kept, source=f"{data.source}; {what}")
+
+
+# ----------------------------------------------------------------------------- scale
+
+@dataclass(frozen=True)
+class Scale:
+    """What a profile changes from the paper's settings; ``None`` keeps the paper's value.
+
+    ``milestones`` ``None`` keeps the paper's learning-rate milestones when the
+    rounds are the paper's, and drops them (constant lr) when rounds are cut: the
+    paper's decay points lie beyond a shortened schedule.
+    """
+
+    rounds: int | None = None
+    local_epochs: int | None = None
+    num_users: int | None = None
+    frac: float | None = None
+    eval_every: int = 1
+    sbn_samples: int = 0
+    train_samples: int | None = None
+    test_samples: int | None = None
+    milestones: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_params(cls, **params: Any) -> Scale:
+        """From notebook parameters (unknown keys ignored, lists become tuples)."""
+        names = {f for f in cls.__dataclass_fields__}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k in names}
+        return cls(**values)
+
+    def config(self, dataset: str, control: str, **overrides: Any) -> ExperimentConfig:
+        """The paper's config for ``control`` on ``dataset``, then this scale, then ``overrides``."""
+        cfg = parse_control(control, dataset)
+        changes: dict[str, Any] = {"eval_every": self.eval_every, "sbn_samples": self.sbn_samples}
+        for name in ("rounds", "local_epochs"):
+            if getattr(self, name) is not None:
+                changes[name] = getattr(self, name)
+        rounds = changes.get("rounds", cfg.rounds)
+        if self.milestones is not None:
+            changes["milestones"] = self.milestones
+        elif rounds != cfg.rounds:
+            changes["milestones"] = ()
+        changes.update(overrides)
+        changes["eval_every"] = min(changes["eval_every"], changes.get("rounds", cfg.rounds))
+        return cfg.replace(**changes)
+
+    def users(self) -> tuple[int, float]:
+        return (self.num_users or PAPER_USERS, self.frac if self.frac is not None else PAPER_FRAC)
+
+    def control(self, mode: str, split: str = "iid", model_split: str = "fix", norm: str = "bn",
+                scale: bool = True, mask: bool = True) -> str:
+        """A control string at this scale's users, e.g. ``1_10_0.5_iid_fix_a5-b5_bn_1_1``."""
+        users, frac = self.users()
+        return f"1_{users}_{frac:g}_{split}_{model_split}_{mode}_{norm}_{int(scale)}_{int(mask)}"
+
+    def reductions(self, dataset: str, data_split: str = "iid") -> list[str]:
+        """Plain words for every way this scale differs from the paper's settings."""
+        paper = paper_preset(dataset, data_split)
+        out = []
+        users, frac = self.users()
+        if (users, frac) != (PAPER_USERS, PAPER_FRAC):
+            out.append(f"{users} users, {math.ceil(frac * users - 1e-9)} active per round "
+                       f"(paper: {PAPER_USERS}, {math.ceil(PAPER_FRAC * PAPER_USERS)})")
+        if self.rounds is not None and self.rounds != paper["rounds"]:
+            out.append(f"{self.rounds} round{'s' * (self.rounds != 1)} (paper: {paper['rounds']})")
+        if self.local_epochs is not None and self.local_epochs != paper["local_epochs"]:
+            out.append(f"{self.local_epochs} local epoch{'s' * (self.local_epochs != 1)} (paper: {paper['local_epochs']})")
+        cut = self.rounds is not None and self.rounds != paper["rounds"]
+        milestones = self.milestones if self.milestones is not None else (() if cut else paper["milestones"])
+        if tuple(milestones) != tuple(paper["milestones"]):
+            shown = ", ".join(map(str, milestones)) if milestones else "none, constant lr"
+            out.append(f"lr milestones {shown} (paper: {', '.join(map(str, paper['milestones']))})")
+        if self.train_samples is not None or self.test_samples is not None:
+            unit = "tokens" if paper["model"] == "transformer" else "samples"
+            out.append(f"data subset: {self.train_samples or 'all'} train / {self.test_samples or 'all'} test {unit}")
+        if self.sbn_samples:
+            out.append(f"sBN statistics over {self.sbn_samples:,} training samples (paper: all)")
+        rounds = self.rounds if self.rounds is not None else paper["rounds"]
+        if self.eval_every >= rounds > 1:
+            out.append("tested once, after the last round (paper: every round)")
+        elif self.eval_every != 1:
+            out.append(f"tested every {self.eval_every} rounds and after the last (paper: every round)")
+        return out
+
+
+def figure_note(profile: str, reductions: Sequence[str], sources: Iterable[str], extra: str = "") -> list[str]:
+    """Caption lines under a figure: the profile and what it cut, the data it ran on, anything else."""
+    cut = "; ".join(reductions) if reductions else "the paper's settings (spec section 7)"
+    lines = [f"profile {profile}: {cut}"] + [f"data: {source}" for source in sources]
+    return lines + ([extra] if extra else [])
+
+
+# ----------------------------------------------------------------------------- experiments and the cache
+
+@dataclass(frozen=True)
+class Experiment:
+    """One run: a name for tables, its config, its data, and labels for grouping results."""
+
+    name: str
+    cfg: ExperimentConfig
+    data: DataSpec
+    labels: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def key(self) -> str:
+        """Hash of everything that determines the result (config and data subset)."""
+        text = json.dumps({"config": self.cfg.to_dict(), "data": [self.data.name, self.data.train,
+                                                                    self.data.test, self.data.seed]}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    def folder(self, runs_dir: str | os.PathLike) -> Path:
+        return Path(runs_dir) / self.data.name / f"{self.cfg.control}-{self.key}"
+
+
+def finished(folder: Path, cfg: ExperimentConfig) -> bool:
+    """True when ``folder`` holds a completed run of ``cfg`` (its metrics reach the last round)."""
+    try:
+        saved = json.loads((folder / "run.json").read_text())["config"]
+        rounds = pd.read_csv(folder / "metrics.csv", usecols=["round"])["round"].max()
+    except (OSError, ValueError, KeyError):
+        return False
+    return saved == json.loads(json.dumps(cfg.to_dict())) and rounds == cfg.rounds
+
+
+def run_cached(experiment: Experiment, runs_dir: str | os.PathLike, *, device: str = "auto",
+               on_round: RoundCallback | None = None) -> tuple[pd.DataFrame, bool]:
+    """(tidy metrics, whether they came from the cache): read a finished run, else run or continue it."""
+    folder = experiment.folder(runs_dir)
+    if finished(folder, experiment.cfg):
+        return read_metrics(folder), True
+    data = experiment.data.load()
+    (folder.parent).mkdir(parents=True, exist_ok=True)
+    (folder / "experiment.json").parent.mkdir(parents=True, exist_ok=True)
+    (folder / "experiment.json").write_text(json.dumps(
+        {"name": experiment.name, "data": experiment.data.__dict__, "data_source": data.source,
+         "labels": experiment.labels}, indent=2, default=str))
+    frame = run_experiment(experiment.cfg, data=data, out_dir=folder, device=device, resume=True, quiet=True,
+                           on_round=on_round)
+    return frame, False
+
+
+@dataclass
+class Results:
+    """What a set of runs produced: one summary row per run, and every run's per-round metrics."""
+
+    summary: pd.DataFrame  # name, labels..., control, folder, final_<metric>, best_<metric>, best_round, params
+    history: pd.DataFrame  # name, round, split, metric, value, elapsed_s
+    experiments: list[Experiment]
+    seconds: float  # wall time spent training in this call (cached runs cost ~0)
+
+    def configs(self) -> list[dict[str, Any]]:
+        """Every run's name, folder and full config, for a figure's record."""
+        folders = dict(zip(self.summary["name"], self.summary["folder"])) if len(self.summary) else {}
+        return [{"name": e.name, "folder": folders.get(e.name), **e.cfg.to_dict()} for e in self.experiments]
+
+    def data_sources(self) -> list[str]:
+        return sorted(set(self.summary["data_source"])) if len(self.summary) else []
+
+
+def headline(dataset_or_cfg: str | ExperimentConfig) -> str:
+    """The metric a dataset is judged by: global accuracy, or global perplexity for text."""
+    model = dataset_or_cfg.model if isinstance(dataset_or_cfg, ExperimentConfig) else paper_preset(dataset_or_cfg)["model"]
+    return "global_perplexity" if model == "transformer" else "global_accuracy"
+
+
+def run_all(experiments: Sequence[Experiment], runs_dir: str | os.PathLike, *, device: str = "auto",
+            on_round: Callable[[Experiment], RoundCallback | None] | None = None, log: bool = True) -> Results:
+    """Run (or read back) every experiment, one line each; summarise final and best metrics."""
+    rows, histories, started = [], [], time.perf_counter()
+    for n, experiment in enumerate(experiments, 1):
+        begin = time.perf_counter()
+        frame, cached = run_cached(experiment, runs_dir, device=device,
+                                   on_round=on_round(experiment) if on_round else None)
+        row = summarise(frame, experiment)
+        row["folder"] = str(experiment.folder(runs_dir))
+        row["data_source"] = _data_source(experiment.folder(runs_dir))
+        rows.append(row)
+        histories.append(frame.assign(name=experiment.name))
+        if log:
+            metric = headline(experiment.cfg)
+            took = "cached" if cached else f"{time.perf_counter() - begin:.0f} s"
+            print(f"[{n}/{len(experiments)}] {experiment.data.name} {experiment.name}: "
+                  f"{metric.replace('_', ' ')} {row.get('final_' + metric, float('nan')):.2f} ({took})", flush=True)
+    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    return Results(pd.DataFrame(rows), history, list(experiments), time.perf_counter() - started)
+
+
+def _data_source(folder: Path) -> str:
+    try:
+        return json.loads((folder / "run.json").read_text())["data"]["source"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def summarise(frame: pd.DataFrame, experiment: Experiment) -> dict[str, Any]:
+    """Final-round and best-round test metrics of one run (best = on the test set, as published)."""
+    cfg = experiment.cfg
+    row: dict[str, Any] = {"name": experiment.name, **experiment.labels, "control": cfg.control}
+    test = frame[frame["split"] == "test"]
+    metric = headline(cfg)
+    if test.empty:
+        return row
+    last = test[test["round"] == test["round"].max()]
+    row.update({f"final_{m}": v for m, v in zip(last["metric"], last["value"])})
+    curve = test[test["metric"] == metric].set_index("round")["value"]
+    best_round = int(curve.idxmin() if metric.endswith("perplexity") else curve.idxmax())
+    best = test[test["round"] == best_round]
+    row.update({f"best_{m}": v for m, v in zip(best["metric"], best["value"])})
+    row["best_round"] = best_round
+    row["rounds"] = cfg.rounds
+    return row
+
+
+# ----------------------------------------------------------------------------- the grids
+
+def mode_name(mode: Sequence[tuple[str, int]]) -> str:
+    return "-".join(f"{level}{share}" for level, share in mode)
+
+
+def interpolation_modes(global_levels: Iterable[str], points: Iterable[int]) -> list[dict[str, Any]]:
+    """The spec's interpolation grid: per global level x, x alone and x{i}-y{10-i} for each smaller y.
+
+    Returns rows with ``global_level``, ``other_level`` (None for x alone), ``i`` (10 for x alone) and ``mode``.
+    """
+    points = sorted(set(int(i) for i in points))
+    if any(not 1 <= i <= 9 for i in points):
+        raise ValueError(f"interpolation points are i in 1..9 (mixture x{{i}}-y{{10-i}}), got {points}")
+    rows = []
+    for x in global_levels:
+        if x not in LEVELS or x == LEVELS[-1]:
+            raise ValueError(f"a panel's global level must be one of {', '.join(LEVELS[:-1])}, got {x!r}")
+        rows.append({"global_level": x, "other_level": None, "i": 10, "mode": f"{x}1"})
+        for y in LEVELS[LEVELS.index(x) + 1:]:
+            rows += [{"global_level": x, "other_level": y, "i": i, "mode": f"{x}{i}-{y}{10 - i}"} for i in points]
+    return rows
+
+
+def size_of(model: str, mode: str, vocab_size: int = DEFAULT_VOCAB_SIZE,
+            resnet_blocks: tuple[int, ...] = (1, 1, 1, 2)) -> dict[str, float]:
+    """Mean parameters, FLOPs and MB of a mixture (its last row in :func:`mixture_sizes`)."""
+    row = mixture_sizes(model, mode, vocab_size=vocab_size, resnet_blocks=tuple(resnet_blocks))[-1]
+    return {"params": row.params, "flops": row.flops, "mb": row.mb, "ratio": row.ratio}
+
+
+def interpolation_experiments(data: DataSpec, scale: Scale, global_levels: Iterable[str], points: Iterable[int],
+                              curve_points: Iterable[int] = (), curve_eval_every: int | None = None,
+                              vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0) -> list[Experiment]:
+    """The interpolation grid of one dataset (iid, fix). Mixtures with i in ``curve_points``
+    (and x alone) of the widest panel are evaluated every ``curve_eval_every`` rounds for learning curves."""
+    rows = interpolation_modes(global_levels, points)
+    widest = rows[0]["global_level"] if rows else None
+    curve_points = set(curve_points)
+    experiments = []
+    for row in rows:
+        overrides: dict[str, Any] = {"seed": seed}
+        curve = row["global_level"] == widest and (row["other_level"] is None or row["i"] in curve_points)
+        if curve and curve_eval_every:
+            overrides["eval_every"] = curve_eval_every
+        cfg = scale.config(data.name, scale.control(row["mode"]), **overrides)
+        sizes = size_of(cfg.model, row["mode"], vocab_size, cfg.resnet_blocks)
+        experiments.append(Experiment(row["mode"], cfg, data, {**row, **sizes, "curve": curve}))
+    return experiments
+
+
+# The paper's CIFAR10 table (spec section 8): ResNet18 [1, 1, 1, 2], dynamic split.
+PAPER_CIFAR10_TABLE = pd.DataFrame(
+    [("a", 1.00, "9.6M", "330.2M", 36.71, 91.19, 92.38, 56.88),
+     ("a-e", 0.50, "4.8M", "165.9M", 18.43, 90.29, 92.10, 59.11),
+     ("a-b-c-d-e", 0.27, "2.6M", "88.4M", 9.78, 88.83, 92.49, 61.64),
+     ("b", 1.00, "2.4M", "83.3M", 9.19, 89.82, 93.83, 55.45),
+     ("c", 1.00, "604K", "21.2M", 2.30, 87.55, 91.09, 55.12),
+     ("d", 1.00, "152K", "5.5M", 0.58, 84.21, 90.77, 61.13),
+     ("e", 1.00, "38K", "1.5M", 0.15, 77.09, 89.62, 54.16)],
+    columns=["model", "ratio", "params", "FLOPs", "MB", "IID acc", "non-IID local", "non-IID global"])
+
+
+def table_experiments(data: DataSpec, scale: Scale, models: Iterable[str] = tuple(PAPER_CIFAR10_TABLE["model"]),
+                      splits: Iterable[str] = ("iid", "non-iid-2"), seed: int = 0) -> list[Experiment]:
+    """The runs behind the CIFAR10 table: each model (``a``, ``a-e``, ``a-b-c-d-e``, ...) with the dynamic split."""
+    experiments = []
+    for split in splits:
+        for model in models:
+            mode = "-".join(f"{level}1" for level in model.split("-"))
+            cfg = scale.config(data.name, scale.control(mode, split=split, model_split="dynamic"), seed=seed)
+            experiments.append(Experiment(f"{model} {split}", cfg, data, {"model": model, "data_split": split}))
+    return experiments
+
+
+# The ablation (spec section 8, the paper's ablation table): non-IID-2, model a-e; numbers the spec gives.
+ABLATION_VARIANTS = [  # (label, norm, scale, mask)
+    ("sBN", "bn", False, False),
+    ("sBN + masked CE", "bn", False, True),
+    ("sBN + Scaler", "bn", True, False),
+    ("sBN + Scaler + masked CE", "bn", True, True),
+    ("no norm + Scaler + masked CE", "none", True, True),
+    ("InstanceNorm + Scaler + masked CE", "in", True, True),
+    ("GroupNorm + Scaler + masked CE", "gn", True, True),
+    ("LayerNorm + Scaler + masked CE", "ln", True, True),
+]
+PAPER_ABLATION = {  # (dataset, variant) -> (local, global) accuracy, as quoted in the spec
+    ("CIFAR10", "sBN + Scaler + masked CE"): (92.8, 60.4),
+    ("CIFAR10", "sBN"): (41.0, 41.3),
+    ("MNIST", "sBN + Scaler + masked CE"): (99.8, 98.2),
+}
+
+
+def ablation_experiments(data: DataSpec, scale: Scale, mode: str = "a1-e1", split: str = "non-iid-2",
+                         variants: Iterable[str] | None = None, seed: int = 0) -> list[Experiment]:
+    """One run per ablation variant (by label; ``None`` = all of :data:`ABLATION_VARIANTS`)."""
+    wanted = None if variants is None else list(variants)
+    known = [label for label, *_ in ABLATION_VARIANTS]
+    if wanted is not None and (unknown := [v for v in wanted if v not in known]):
+        raise ValueError(f"unknown ablation variants {unknown}; valid: {known}")
+    experiments = []
+    for label, norm, scaler, mask in ABLATION_VARIANTS:
+        if wanted is not None and label not in wanted:
+            continue
+        cfg = scale.config(data.name, scale.control(mode, split=split, norm=norm, scale=scaler, mask=mask), seed=seed)
+        experiments.append(Experiment(label, cfg, data, {"variant": label, "norm": norm, "scaler": scaler,
+                                                         "masked_ce": mask}))
+    return experiments

@@ -1,0 +1,426 @@
+"""Figures and tables of the reproduction, styled to read on a projector.
+
+Every saved figure is three files side by side in the figures folder:
+``<name>.png``, ``<name>.pdf`` and ``<name>.json``, the record of what made it
+(profile, configs, data source, code version, date, and what the profile cut
+from the paper's settings). Tables are also written as ``.csv`` and ``.md``.
+
+Functions draw onto new figures and return them; nothing here trains or reads
+run folders (see experiments.py).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+
+import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+
+from .config import LEVEL_RATES
+from .runs import code_version
+from .sizes import human
+
+LEVEL_NAMES = tuple(LEVEL_RATES)
+METRIC_LABELS = {
+    "global_accuracy": "Global accuracy (%)",
+    "local_accuracy": "Local accuracy (%)",
+    "global_perplexity": "Global perplexity (masked tokens)",
+    "local_perplexity": "Local perplexity (masked tokens)",
+    "train_loss": "Training loss (clients' mean)",
+}
+
+
+def use_style() -> None:
+    """Seaborn 'talk' context, white grid, colour-blind palette: large type for a projector."""
+    sns.set_theme(context="talk", style="whitegrid", palette="colorblind",
+                  rc={"figure.dpi": 80, "savefig.dpi": 150, "axes.titleweight": "bold",
+                      "axes.titlesize": 20, "legend.frameon": True, "legend.framealpha": 0.9,
+                      "figure.constrained_layout.use": True})
+
+
+def level_colors() -> dict[str, Any]:
+    """One fixed colour per level, the same in every figure."""
+    palette = sns.color_palette("colorblind", 8)
+    return {level: palette[i] for i, level in enumerate(LEVEL_NAMES)}
+
+
+def _note(fig: plt.Figure, text: str | Sequence[str] | None, width: int = 150) -> None:
+    """A small-print caption under the figure (what was run, what was cut)."""
+    if not text:
+        return
+    lines = [text] if isinstance(text, str) else list(text)
+    wrapped = "\n".join(textwrap.fill(line, width) for line in lines)
+    fig.supxlabel(wrapped, fontsize=11, x=0.01, ha="left", color="0.25")
+
+
+def _param_axis(ax: plt.Axes) -> None:
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: human(v)))
+
+
+# ----------------------------------------------------------------------------- the interpolation figure
+
+def interpolation_figure(summary: pd.DataFrame, metric: str, title: str, note: str | Sequence[str] | None = None,
+                         value: str = "final") -> plt.Figure:
+    """The spec's interpolation figure: one panel per global level x (a, b, c, d); in each, one line per
+    smaller level y through the mixtures x{i}-y{10-i}, ending at x alone; x = mean parameters of the mixture.
+
+    ``summary`` rows need ``global_level``, ``other_level`` (None/NaN for x alone), ``i``, ``params`` and
+    ``<value>_<metric>``.
+    """
+    column = f"{value}_{metric}"
+    globals_ = [x for x in LEVEL_NAMES if x in set(summary["global_level"])]
+    colors = level_colors()
+    cols = min(len(globals_), 2) if len(globals_) > 2 else len(globals_)
+    rows = int(np.ceil(len(globals_) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, 5.6 * rows + 0.8), squeeze=False)
+    for ax, x in zip(axes.flat, globals_):
+        panel = summary[summary["global_level"] == x]
+        alone = panel[panel["other_level"].isna()]
+        for y in [l for l in LEVEL_NAMES if l in set(panel["other_level"].dropna())]:
+            line = pd.concat([panel[panel["other_level"] == y], alone]).sort_values("params")
+            ax.plot(line["params"], line[column], marker="o", lw=2.5, ms=8, color=colors[y], label=f"{x}–{y}")
+        if not alone.empty:
+            ax.plot(alone["params"], alone[column], marker="*", ms=20, ls="", color="black", label=f"{x} alone",
+                    zorder=5)
+        ax.set_title(f"global model {x} (rate {LEVEL_RATES[x]:g})")
+        ax.set_xlabel("mean parameters of the mixture")
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        _param_axis(ax)
+        ax.legend(fontsize=12, loc="best")
+    for ax in list(axes.flat)[len(globals_):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=22, fontweight="bold")
+    _note(fig, note)
+    return fig
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+def learning_curves(history: pd.DataFrame, metric: str, title: str, note: str | Sequence[str] | None = None,
+                    names: Iterable[str] | None = None) -> plt.Figure:
+    """Left: the clients' training loss per round; right: ``metric`` at every evaluated round. One line per run."""
+    wanted = list(names) if names is not None else list(dict.fromkeys(history["name"]))
+    frame = history[history["name"].isin(wanted)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(16, 6.2))
+    palette = dict(zip(wanted, sns.color_palette("colorblind", len(wanted))))
+    for name in wanted:
+        run = frame[frame["name"] == name]
+        loss = run[run["metric"] == "train_loss"].sort_values("round")
+        score = run[run["metric"] == metric].sort_values("round")
+        left.plot(loss["round"], loss["value"], lw=2.5, marker="o", ms=5, color=palette[name], label=name)
+        right.plot(score["round"], score["value"], lw=2.5, marker="o", ms=7, color=palette[name], label=name)
+    left.set(xlabel="round", ylabel=METRIC_LABELS["train_loss"], title="local training")
+    right.set(xlabel="round", ylabel=METRIC_LABELS.get(metric, metric), title="global model on the test set")
+    last = int(frame["round"].max()) if len(frame) else 1
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
+        ax.set_xlim(0.5, last + 0.5)
+    if metric.endswith("perplexity"):
+        right.set_yscale("log")
+    right.legend(fontsize=12, loc="best")
+    fig.suptitle(title, fontsize=22, fontweight="bold")
+    _note(fig, note)
+    return fig
+
+
+class LiveCurves:
+    """An ``on_round`` callback that redraws the learning curves while a run trains.
+
+    Interactive (a notebook with a frontend): an ipywidgets ``Output`` is redrawn every
+    round. Otherwise (papermill, plain Python): it stays silent and :meth:`final` draws once.
+    """
+
+    def __init__(self, metric: str, title: str, interactive: bool = False) -> None:
+        self.metric, self.title = metric, title
+        self.interactive = interactive and widgets_available()
+        self.frame: pd.DataFrame | None = None
+        self.output = None
+        if self.interactive:
+            import ipywidgets
+            from IPython.display import display
+            self.output = ipywidgets.Output()
+            display(self.output)
+
+    def __call__(self, round_: int, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        if self.output is None:
+            return
+        from IPython.display import clear_output, display
+        with self.output:
+            clear_output(wait=True)
+            fig = learning_curves(frame.assign(name=self.title), self.metric, f"{self.title}: round {round_}")
+            display(fig)
+            plt.close(fig)
+
+
+def widgets_available() -> bool:
+    """True inside an IPython kernel with ipywidgets installed (a frontend may show them)."""
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+# ----------------------------------------------------------------------------- width slicing pictures
+
+def entry_levels(slicer: Any, name: str, levels: Sequence[str]) -> np.ndarray:
+    """For a parameter of the global model: per entry, the index (into ``levels``) of the narrowest
+    level that holds it; -1 where none of them does. Axes beyond the first two are reduced away."""
+    with torch.device("meta"):
+        shape = slicer.build(slicer.global_rate).state_dict()[name].shape
+    owner = torch.full(shape, -1, dtype=torch.int64)
+    for index, level in sorted(enumerate(levels), key=lambda p: -LEVEL_RATES[p[1]]):  # widest first
+        piece = slicer.slices(LEVEL_RATES[level])[name]
+        piece.region(owner).fill_(index)
+    grid = owner if owner.dim() <= 2 else owner.flatten(2)[..., 0]  # (out, in): kernel taps share their owner
+    return (grid if grid.dim() == 2 else grid[:, None]).numpy()
+
+
+def draw_entry_levels(ax: plt.Axes, owner: np.ndarray, levels: Sequence[str], title: str) -> None:
+    """Colour each entry of a (rows, cols) parameter by the narrowest level holding it."""
+    colors = level_colors()
+    cmap = matplotlib.colors.ListedColormap(["0.92"] + [colors[level] for level in levels])
+    ax.imshow(owner + 1, cmap=cmap, vmin=0, vmax=len(levels), interpolation="nearest", aspect="auto")
+    ax.set_title(title, fontsize=14)
+    ax.set_xlabel("input axis")
+    ax.set_ylabel("output axis")
+    ax.grid(False)
+    handles = [matplotlib.patches.Patch(color=colors[l], label=f"{l} (rate {LEVEL_RATES[l]:g}) and wider")
+               for l in levels]
+    ax.legend(handles=handles, fontsize=10, loc="lower right")
+
+
+def footprint(slicer: Any, name: str, rate: float, labels: Sequence[int] | None = None,
+              value: float = 1.0) -> np.ndarray:
+    """A global-shaped array: ``value`` on the entries a rate-``rate`` client adds into ``name`` during
+    aggregation (only its labels' rows in a LABELS axis), NaN elsewhere."""
+    from .slicing import LABELS
+
+    with torch.device("meta"):
+        shape = slicer.build(slicer.global_rate).state_dict()[name].shape
+    out = torch.full(shape, float("nan"))
+    piece = slicer.slices(rate)[name]
+    piece.region(out).fill_(value)
+    if labels is not None and piece.rules[0] == LABELS:
+        keep = torch.zeros(shape[0], dtype=torch.bool)
+        keep[list(labels)] = True
+        out[~keep] = float("nan")
+    return out.numpy()
+
+
+def draw_matrices(matrices: Sequence[np.ndarray], titles: Sequence[str], suptitle: str = "",
+                  fmt: str = ".2g", cmap: str = "crest") -> plt.Figure:
+    """Small annotated heatmaps side by side (the aggregation toy example)."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.2 * len(matrices), 4.4), squeeze=False)
+    for ax, matrix, title in zip(axes.flat, matrices, titles):
+        matrix = np.asarray(matrix, dtype=float)
+        annot = matrix.size <= 160
+        sns.heatmap(matrix, ax=ax, annot=annot, fmt=fmt, cbar=False, cmap=cmap, linewidths=0.5, linecolor="white",
+                    annot_kws={"fontsize": 10}, mask=np.isnan(matrix))
+        ax.set_title(title, fontsize=14)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():  # frame the whole global tensor, held or not
+            spine.set_visible(True)
+            spine.set_color("0.6")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=18, fontweight="bold")
+    return fig
+
+
+# ----------------------------------------------------------------------------- the rate / mixture explorer
+
+EXPLORER_LAYERS = {  # a few parameters worth looking at, per family (any 2-d+ parameter works)
+    "conv": ["features.5.weight", "features.0.weight", "head.weight"],
+    "resnet18": ["stages.1.0.conv1.weight", "stages.1.0.shortcut.weight", "stem.weight", "head.weight"],
+    "transformer": ["layers.0.attention.q.weight", "layers.0.attention.o.weight", "layers.0.linear1.weight",
+                    "output.weight"],
+}
+
+
+def _mode_of(proportions: dict[str, int]) -> str:
+    return "-".join(f"{level}{proportions[level]}" for level in LEVEL_NAMES if proportions.get(level, 0) > 0)
+
+
+def mixture_view(model: str, proportions: dict[str, int], layer: str | None = None,
+                 vocab_size: int = 33278) -> tuple[plt.Figure, pd.DataFrame]:
+    """Which entries of one parameter each level of a mixture holds, and the mixture's sizes.
+
+    ``proportions`` maps levels to integer shares (0 = absent); the widest present level is the global model.
+    """
+    from functools import partial
+
+    from .models import build_model
+    from .sizes import mixture_sizes
+    from .slicing import Slicer
+
+    mode = _mode_of(proportions)
+    if not mode:
+        raise ValueError("give at least one level a proportion above 0")
+    levels = [level for level in LEVEL_NAMES if proportions.get(level, 0) > 0]
+    options: dict[str, Any] = {"vocab_size": min(vocab_size, 2000)} if model == "transformer" else {}
+    slicer = Slicer(partial(build_model, model, global_rate=LEVEL_RATES[levels[0]], **options), LEVEL_RATES[levels[0]])
+    layer = layer or EXPLORER_LAYERS[model][0]
+    owner = entry_levels(slicer, layer, levels)
+    sizes = mixture_sizes(model, mode, vocab_size=vocab_size)
+    table = pd.DataFrame([{"model": r.model_mode, "share": f"{proportions.get(r.model_mode, 0)}"
+                           if r.model_mode in LEVEL_NAMES else "mixture", "params": human(r.params),
+                           "FLOPs": human(r.flops), "MB": f"{r.mb:.2f}", "ratio": f"{r.ratio:.3f}"} for r in sizes])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})
+    shown = f" (vocabulary drawn as {options['vocab_size']} rows)" if options and owner.shape[0] == options["vocab_size"] else ""
+    draw_entry_levels(left, owner, levels, f"{model} {layer}: global {tuple(owner.shape)}{shown}")
+    level_rows = [r for r in sizes if r.model_mode in LEVEL_NAMES]
+    colors = level_colors()
+    right.bar([r.model_mode for r in level_rows], [r.params for r in level_rows],
+              color=[colors[r.model_mode] for r in level_rows])
+    right.axhline(sizes[-1].params, color="black", ls="--", lw=2, label=f"mixture mean {human(sizes[-1].params)}")
+    right.set_yscale("log")
+    right.set(ylabel="parameters (log scale)", title=f"mixture {mode}")
+    right.legend(fontsize=12)
+    return fig, table
+
+
+def mixture_explorer(model: str = "conv", proportions: dict[str, int] | None = None, interactive: bool = True,
+                     vocab_size: int = 33278) -> tuple[plt.Figure, pd.DataFrame] | None:
+    """Pick a model, levels and proportions, and a layer; see which entries each client level holds and the
+    mixture's parameters, FLOPs and MB. Without a frontend: the static view of the given selection."""
+    from IPython.display import display
+
+    proportions = dict(proportions or {level: 1 for level in LEVEL_NAMES})
+    if not (interactive and widgets_available()):
+        fig, table = mixture_view(model, proportions, None, vocab_size)
+        display(table)
+        return fig, table
+    import ipywidgets as w
+
+    model_box = w.Dropdown(options=list(EXPLORER_LAYERS), value=model, description="model")
+    layer_box = w.Dropdown(options=EXPLORER_LAYERS[model], description="layer")
+    sliders = {level: w.IntSlider(value=proportions.get(level, 0), min=0, max=10,
+                                  description=f"{level} (r={LEVEL_RATES[level]:g})") for level in LEVEL_NAMES}
+    out = w.Output()
+
+    def redraw(*_: Any) -> None:
+        with out:
+            from IPython.display import clear_output
+            clear_output(wait=True)
+            shares = {level: s.value for level, s in sliders.items()}
+            try:
+                fig, table = mixture_view(model_box.value, shares, layer_box.value, vocab_size)
+            except ValueError as error:
+                print(error)
+                return
+            display(table)
+            display(fig)
+            plt.close(fig)
+
+    def new_model(change: dict[str, Any]) -> None:
+        layer_box.options = EXPLORER_LAYERS[change["new"]]  # triggers redraw through layer_box
+
+    model_box.observe(new_model, names="value")
+    for control in (layer_box, *sliders.values()):
+        control.observe(redraw, names="value")
+    display(w.VBox([w.HBox([model_box, layer_box]), w.HBox(list(sliders.values())[:3]),
+                    w.HBox(list(sliders.values())[3:]), out]))
+    redraw()
+    return None
+
+
+# ----------------------------------------------------------------------------- tables
+
+def table_figure(table: pd.DataFrame, title: str, note: str | Sequence[str] | None = None,
+                 highlight: Callable[[pd.Series], bool] | None = None) -> plt.Figure:
+    """A table drawn as a figure (for slides): bold header, zebra rows, optional highlighted rows."""
+    cells = table.astype(str).values.tolist()
+    widths = [max(len(str(c)) for c in [col, *table[col].astype(str)]) + 2 for col in table.columns]
+    fig_w = min(26, max(8, 0.15 * sum(widths) + 1))
+    notes = [note] if isinstance(note, str) else list(note or [])
+    wrap = int(fig_w * 9)
+    note_lines = sum(len(textwrap.wrap(line, wrap)) or 1 for line in notes)
+    table_h = 0.42 * (len(cells) + 1)
+    fig = plt.figure(figsize=(fig_w, table_h + 0.9 + 0.22 * note_lines), layout="constrained")
+    ax = fig.add_subplot()
+    ax.axis("off")
+    drawn = ax.table(cellText=cells, colLabels=list(table.columns), cellLoc="center", bbox=[0, 0, 1, 1],
+                     colWidths=[w / sum(widths) for w in widths])
+    drawn.auto_set_font_size(False)
+    drawn.set_fontsize(13)
+    for (row, _), cell in drawn.get_celld().items():
+        cell.set_edgecolor("0.8")
+        if row == 0:
+            cell.set_text_props(fontweight="bold")
+            cell.set_facecolor("#dbe5f1")
+        elif highlight is not None and highlight(table.iloc[row - 1]):
+            cell.set_facecolor("#fff2cc")
+        elif row % 2 == 0:
+            cell.set_facecolor("0.96")
+    ax.set_title(title, fontsize=17, fontweight="bold")
+    _note(fig, notes, width=wrap)
+    return fig
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub pipe table (no extra dependency)."""
+    cells = [[str(c) for c in table.columns]] + table.astype(str).values.tolist()
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+
+
+# ----------------------------------------------------------------------------- saving, with a record
+
+def record(profile: str, title: str, *, data_source: str | Sequence[str], configs: Sequence[dict[str, Any]] = (),
+           reductions: Sequence[str] = (), caption: str = "", **extra: Any) -> dict[str, Any]:
+    """What made a figure: profile, configs, data source, code version, date, and what was cut."""
+    return {"title": title, "caption": caption, "profile": profile, "data_source": data_source,
+            "reductions": list(reductions), "code_version": code_version(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra, "configs": list(configs)}
+
+
+def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str, meta: dict[str, Any]) -> list[Path]:
+    """``<name>.png``, ``<name>.pdf`` and the record ``<name>.json``; returns the paths."""
+    folder = Path(figures_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.pdf", folder / f"{name}.json"]
+    fig.savefig(paths[0], bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    paths[2].write_text(json.dumps({"figure": name, "files": [p.name for p in paths], **meta}, indent=2,
+                                   default=str) + "\n")
+    return paths
+
+
+def save_table(table: pd.DataFrame, figures_dir: str | Path, name: str, meta: dict[str, Any],
+               note: str | Sequence[str] | None = None,
+               highlight: Callable[[pd.Series], bool] | None = None) -> list[Path]:
+    """A table as ``.csv`` and ``.md`` (caption and record under it) and drawn as ``.png``/``.pdf``, with its record."""
+    folder = Path(figures_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    csv, md = folder / f"{name}.csv", folder / f"{name}.md"
+    table.to_csv(csv, index=False)
+    notes = [note] if isinstance(note, str) else list(note or [])
+    md.write_text(f"**{meta.get('title', name)}**\n\n{markdown_table(table)}\n\n"
+                  + "".join(f"{line}  \n" for line in notes)
+                  + f"\nprofile `{meta.get('profile')}`, code `{meta.get('code_version')}`, {meta.get('date')}\n")
+    fig = table_figure(table, meta.get("title", name), note, highlight)
+    try:
+        paths = save_figure(fig, folder, name, meta)
+    finally:
+        plt.close(fig)
+    record_path = paths[2]
+    saved = json.loads(record_path.read_text())
+    saved["files"] = [p.name for p in paths[:2]] + [csv.name, md.name, record_path.name]
+    record_path.write_text(json.dumps(saved, indent=2, default=str) + "\n")
+    return [*paths[:2], csv, md, record_path]

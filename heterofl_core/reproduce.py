@@ -1,0 +1,269 @@
+"""``heterofl reproduce``: execute the staged notebooks with papermill at a profile's scale.
+
+    heterofl reproduce --profile smoke                 # every notebook end to end in minutes (CI)
+    heterofl reproduce --profile quick                 # the whole suite on a laptop CPU in about an hour
+    heterofl reproduce --profile paper --only 03,04    # the paper's settings (a GPU; hours to days)
+
+Each notebook gets the profile's parameters injected into its cell tagged
+``parameters``; its executed copy is kept in ``<out>/notebooks``; its runs live
+in ``<out>/runs`` (a finished run is read back, an interrupted one continues, so
+running the same command again picks up where it stopped); its figures (PNG,
+PDF and a JSON record each) go to the figures folder. A failing notebook stops
+the reproduction with the notebook, the cell and the error named (exit 1); bad
+input (an unknown profile or notebook name, no data) exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from .experiments import find_data_root, repo_root
+from .runs import atomic_write, code_version
+
+NOTEBOOKS = (
+    "00_setup_and_data",
+    "01_width_slicing",
+    "02_aggregation",
+    "03_mnist_cnn",
+    "04_cifar10_resnet18",
+    "05_wikitext2_transformer",
+    "06_ablations",
+    "07_paper_figures",
+)
+KERNEL = "python3"  # `python -m ipykernel install --sys-prefix --name python3` (the Makefile does it)
+ALL_LEVELS = ["a", "b", "c", "d"]  # the interpolation figure's four panels: global model a, b, c, d
+ALL_POINTS = list(range(1, 10))  # x{i}-y{10-i}, i = 1..9
+
+# ----------------------------------------------------------------------------- profiles
+# Per notebook, the parameters injected over its defaults. Training notebooks share the
+# names of experiments.Scale (rounds, local_epochs, num_users, frac, eval_every,
+# sbn_samples, train_samples, test_samples); None keeps the paper's value.
+
+_PAPER = dict(rounds=None, local_epochs=None, num_users=100, frac=0.1, eval_every=1, sbn_samples=0,
+              train_samples=None, test_samples=None)  # None: the paper's value for the dataset
+_SMOKE_MNIST = dict(rounds=1, local_epochs=1, num_users=10, frac=0.2, eval_every=1, sbn_samples=200,
+                    train_samples=500, test_samples=200)
+_SMOKE_CIFAR10 = dict(rounds=1, local_epochs=1, num_users=10, frac=0.2, eval_every=1, sbn_samples=100,
+                      train_samples=200, test_samples=100)
+_SMOKE_TEXT = dict(rounds=1, local_epochs=1, num_users=10, frac=0.2, eval_every=1, sbn_samples=0,
+                   train_samples=1280, test_samples=1280)
+_QUICK_MNIST = dict(rounds=6, local_epochs=1, num_users=10, frac=0.5, eval_every=6, sbn_samples=1000,
+                    train_samples=3000, test_samples=1000)
+_QUICK_CIFAR10 = dict(rounds=5, local_epochs=1, num_users=10, frac=0.5, eval_every=5, sbn_samples=500,
+                      train_samples=1500, test_samples=1000)
+_QUICK_TEXT = dict(rounds=5, local_epochs=1, num_users=10, frac=0.5, eval_every=5, sbn_samples=0,
+                   train_samples=16000, test_samples=5120)
+_TABLE_MODELS = ["a", "a-e", "a-b-c-d-e", "b", "c", "d", "e"]
+
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    # Every notebook end to end in a few minutes: one round, two active clients, tiny subsets,
+    # the cheapest panels (global c, d). Figures exist but say nothing about the method.
+    "smoke": {
+        "00_setup_and_data": dict(show_samples=8),
+        "01_width_slicing": dict(explore_model="conv"),
+        "02_aggregation": dict(toy_width=8),
+        "03_mnist_cnn": dict(**_SMOKE_MNIST, global_levels=["c", "d"], points=[5], curve_eval_every=1,
+                             featured_mode="c5-e5"),
+        "04_cifar10_resnet18": dict(**_SMOKE_CIFAR10, global_levels=["d"], points=[5], curve_eval_every=1,
+                                    featured_mode="d5-e5"),
+        "05_wikitext2_transformer": dict(**_SMOKE_TEXT, global_levels=["d"], points=[5], curve_eval_every=1,
+                                         featured_mode="d5-e5"),
+        "06_ablations": dict(mnist=_SMOKE_MNIST, cifar10=_SMOKE_CIFAR10, mode="d1-e1"),
+        "07_paper_figures": dict(cifar10=_SMOKE_CIFAR10, table_models=["a", "a-e", "e"]),
+    },
+    # The whole suite on a 2-core CPU in under an hour (measured: see README). Same models and
+    # methods; 10 users of which 5 train per round, few rounds, one local epoch,
+    # interpolation points i = 1, 5, 9 (plus x alone), data subsets, sBN statistics and tests on
+    # subsets, evaluation after the last round (learning-curve runs more often).
+    "quick": {
+        "00_setup_and_data": dict(show_samples=16),
+        "01_width_slicing": dict(explore_model="resnet18"),
+        "02_aggregation": dict(toy_width=8),
+        "03_mnist_cnn": dict(**_QUICK_MNIST, global_levels=ALL_LEVELS, points=[1, 5, 9], curve_eval_every=1,
+                             featured_mode="a5-e5"),
+        "04_cifar10_resnet18": dict(**_QUICK_CIFAR10, global_levels=ALL_LEVELS, points=[1, 5, 9],
+                                    curve_eval_every=2, featured_mode="a5-e5"),
+        "05_wikitext2_transformer": dict(**_QUICK_TEXT, global_levels=ALL_LEVELS, points=[1, 5, 9],
+                                         curve_eval_every=2, featured_mode="a5-e5"),
+        "06_ablations": dict(mnist=_QUICK_MNIST, cifar10=_QUICK_CIFAR10, mode="a1-e1"),
+        "07_paper_figures": dict(cifar10=_QUICK_CIFAR10, table_models=_TABLE_MODELS),
+    },
+    # The paper's settings (spec section 7): 100 users, 10 active, the paper's rounds, local epochs and
+    # lr milestones, whole datasets, sBN over the whole training set, evaluation every round, i = 1..9.
+    "paper": {
+        "00_setup_and_data": dict(show_samples=16),
+        "01_width_slicing": dict(explore_model="resnet18"),
+        "02_aggregation": dict(toy_width=8),
+        "03_mnist_cnn": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS, curve_eval_every=1,
+                             featured_mode="a5-e5"),
+        "04_cifar10_resnet18": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS, curve_eval_every=1,
+                                    featured_mode="a5-e5"),
+        "05_wikitext2_transformer": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS,
+                                         curve_eval_every=1, featured_mode="a5-e5"),
+        "06_ablations": dict(mnist=_PAPER, cifar10=_PAPER, mode="a1-e1"),
+        "07_paper_figures": dict(cifar10=_PAPER, table_models=_TABLE_MODELS),
+    },
+}
+
+
+def select(only: Sequence[str] | None) -> list[str]:
+    """Notebooks named by number (``03``), full stem, or a word of the stem (``mnist``); all when empty."""
+    if not only:
+        return list(NOTEBOOKS)
+    wanted: set[str] = set()
+    for token in (t.strip() for text in only for t in text.split(",")):
+        if not token:
+            continue
+        token = token.removesuffix(".ipynb")
+        hits = [nb for nb in NOTEBOOKS if nb == token or nb.split("_", 1)[0] == token.zfill(2)
+                or (not token.isdigit() and token.lower() in nb.lower())]
+        if not hits:
+            raise ValueError(f"unknown notebook {token!r}; valid: {', '.join(NOTEBOOKS)} "
+                             f"(or their numbers 00-07, or a word such as mnist)")
+        wanted.update(hits)
+    return [nb for nb in NOTEBOOKS if nb in wanted]
+
+
+def notebook_parameters(profile: str, notebook: str, *, data_root: Path, out_dir: Path, figures_dir: Path) -> dict[str, Any]:
+    """The parameters injected into one notebook."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    return {"profile": profile, "data_root": str(data_root), "out_dir": str(out_dir),
+            "figures_dir": str(figures_dir), "interactive": False, **PROFILES[profile][notebook]}
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook stopped with an error; the message names the notebook, the cell and the error."""
+
+
+def execute(notebook: str, parameters: dict[str, Any], out_dir: Path, log_output: bool = False) -> Path:
+    """Run one notebook through papermill; the executed copy is ``<out>/notebooks/<name>.ipynb``."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = repo_root() / "notebooks" / f"{notebook}.ipynb"
+    if not source.is_file():
+        raise ValueError(f"notebook {source} not found: run from a checkout of the repository")
+    target = out_dir / "notebooks" / f"{notebook}.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        papermill.execute_notebook(str(source), str(target), parameters=parameters, kernel_name=KERNEL,
+                                   cwd=str(repo_root()), progress_bar=False, log_output=log_output,
+                                   request_save_on_cell_execute=True)
+    except PapermillExecutionError as error:
+        first = next((line for line in str(error.source).splitlines() if line.strip()), "")
+        raise NotebookFailed(f"{notebook}.ipynb failed in cell {error.cell_index} (In [{error.exec_count}]: "
+                             f"{first.strip()[:80]!r}): {error.ename}: {error.evalue}\n"
+                             f"the executed copy with the traceback: {target}") from None
+    return target
+
+
+def reproduce(profile: str, only: Sequence[str] | None = None, out: str | os.PathLike | None = None,
+              figures: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
+              threads: int | None = None, log_output: bool = False) -> dict[str, Any]:
+    """Execute the selected notebooks at ``profile``; returns the summary it also writes to
+    ``<out>/reproduce-<profile>.json``. Raises NotebookFailed on the first failing notebook."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    notebooks = select(only)
+    root = find_data_root(data_root)
+    if not root.is_dir():
+        raise ValueError(f"data root {root} does not exist; pass --data-root DIR or set HETEROFL_DATA "
+                         f"(the offline copy lives in ../shared/data beside the checkout)")
+    out_dir = Path(out if out is not None else "reproduction").resolve()
+    figures_dir = Path(figures if figures is not None else (out_dir / "figures" if out is not None else "figures")).resolve()
+    if log_output:  # papermill logs the cells' output on its logger at INFO
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("papermill").setLevel(logging.INFO)
+    if threads is not None:  # inherited by the notebook kernels
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(threads)
+    summary_path = out_dir / f"reproduce-{profile}.json"
+    summary: dict[str, Any] = {"profile": profile, "data_root": str(root), "out": str(out_dir),
+                               "figures": str(figures_dir), "code_version": code_version(),
+                               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+                               "threads": threads, "started": _now(), "notebooks": {}}
+    started = time.perf_counter()
+    print(f"heterofl reproduce --profile {profile}: {len(notebooks)} notebooks, data {root}, "
+          f"runs {out_dir / 'runs'}, figures {figures_dir}", flush=True)
+    for notebook in notebooks:
+        params = notebook_parameters(profile, notebook, data_root=root, out_dir=out_dir, figures_dir=figures_dir)
+        begin = time.perf_counter()
+        print(f"[{notebook}] running ...", flush=True)
+        try:
+            target = execute(notebook, params, out_dir, log_output)
+        except NotebookFailed:
+            summary["notebooks"][notebook] = {"status": "failed", "seconds": round(time.perf_counter() - begin, 1)}
+            summary["failed"] = notebook
+            _write(summary_path, summary)
+            raise
+        took = time.perf_counter() - begin
+        summary["notebooks"][notebook] = {"status": "ok", "seconds": round(took, 1), "executed": str(target),
+                                          "parameters": params}
+        print(f"[{notebook}] done in {took:.0f} s -> {target}", flush=True)
+        _write(summary_path, summary)
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    summary["finished"] = _now()
+    summary["figures_written"] = sorted(p.name for p in figures_dir.glob("*.png")) if figures_dir.is_dir() else []
+    _write(summary_path, summary)
+    print(f"done in {summary['wall_seconds']:.0f} s; {len(summary['figures_written'])} figures in {figures_dir}; "
+          f"summary {summary_path}", flush=True)
+    return summary
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write(path: Path, summary: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(summary, indent=2, default=str).encode()))
+
+
+# ----------------------------------------------------------------------------- the command
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    try:
+        reproduce(args.profile, args.only, args.out, args.figures, args.data_root, args.threads, args.log_output)
+    except NotebookFailed as failure:
+        print(f"heterofl reproduce: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``heterofl reproduce`` on the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "reproduce", help="execute the notebooks with papermill and write the paper's figures",
+        description="Executes notebooks/00-07 with a profile's parameters (papermill), keeps the executed copies in "
+                    "<out>/notebooks, runs every experiment into <out>/runs (finished runs are read back and "
+                    "skipped, interrupted ones continue), and writes the figures (PNG, PDF and a JSON record each) "
+                    "to the figures folder. Profiles: smoke (every notebook in minutes, for CI), quick (the whole "
+                    "suite on a laptop CPU in about an hour, reduced as each figure says), paper (the paper's "
+                    "settings; a GPU, hours to days).")
+    parser.add_argument("--profile", required=True, choices=sorted(PROFILES), help="smoke, quick or paper")
+    parser.add_argument("--only", action="append", metavar="NAMES",
+                        help="comma-separated notebooks to run: numbers (03), names (03_mnist_cnn) or words (mnist); "
+                             "repeatable (default: all, in order)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="folder for runs/ and the executed notebooks/ (default ./reproduction); with --out, "
+                             "figures go to DIR/figures unless --figures says otherwise")
+    parser.add_argument("--figures", metavar="DIR", help="folder for the figures (default ./figures, or DIR/figures "
+                                                         "with --out)")
+    parser.add_argument("--data-root", metavar="DIR",
+                        help="where datasets live (default: $HETEROFL_DATA, else ../shared/data beside the "
+                             "checkout, else ./data)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads per notebook kernel (sets OMP_NUM_THREADS; 1 is fastest on a CPU "
+                             "shared with other busy processes)")
+    parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    parser.set_defaults(handler=_cmd_reproduce)
+    return parser

@@ -1,0 +1,111 @@
+"""The benchmark's fast paths equal the plain ones, and ``heterofl bench`` reports what it promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from heterofl_core.aggregation import aggregate
+from heterofl_core.bench import MIXTURES, format_report, loop_aggregate, loop_split, run_benchmark
+from heterofl_core.cli import build_parser, main
+from heterofl_core.data import ImageData
+from heterofl_core.training import fast_layout, sbn_statistics
+from reference import (FAMILIES, LEVELS, TINY, builder, num_classes, random_labels, random_state_like, shapes_at,
+                       slicer_for)
+from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+
+@settings(max_examples=12, deadline=None)
+@given(family=st.sampled_from(FAMILIES), levels=st.lists(st.sampled_from(list(LEVELS)), min_size=1, max_size=10),
+       seed=st.integers(0, 2**31 - 1))
+def test_aggregate_equals_the_loop_baseline(family, levels, seed):
+    slicer, gen = slicer_for(family, **TINY[family]), torch.Generator().manual_seed(seed)
+    rates = [LEVELS[level] for level in levels]
+    old = random_state_like(shapes_at(family, 1.0, **TINY[family]), gen)
+    clients = [random_state_like(shapes_at(family, rate, **TINY[family]), gen) for rate in rates]
+    labels = [random_labels(num_classes(family), gen) for _ in rates]
+    got, expected = aggregate(slicer, old, clients, rates, labels), loop_aggregate(slicer, old, clients, rates, labels)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_equals_the_loop_baseline(family):
+    slicer = slicer_for(family, **TINY[family])
+    state = builder(family, **TINY[family])(1.0).state_dict()
+    for rate in LEVELS.values():
+        got, expected = slicer.split(state, rate), loop_split(slicer, state, rate)
+        assert all(torch.equal(got[key], expected[key]) for key in expected)
+
+
+def test_fast_sbn_equals_plain_sbn():
+    """BatchNorm-only train mode, channels-last, inference mode == the whole model in train mode,
+    contiguous, under no_grad (the authors' way), over the same batches."""
+    torch.manual_seed(0)
+    plain = builder("conv", track_running_stats=True, **TINY["conv"])(1.0)
+    fast = fast_layout(builder("conv", track_running_stats=True, **TINY["conv"])(1.0))
+    fast.load_state_dict(plain.state_dict())
+    batches = list(torch.randn(60, 1, 28, 28).split(20))
+    plain.train()
+    with torch.no_grad():
+        for x in batches:
+            plain(x)
+    sbn_statistics(fast, iter(batches))
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[key], value, msg=lambda m: f"{key}: {m}")
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain.eval()(x))
+
+
+def synthetic_mnist() -> ImageData:
+    gen = torch.Generator().manual_seed(0)
+    return ImageData("MNIST", "synthetic", torch.randn(1000, 1, 28, 28, generator=gen), torch.arange(1000) % 10,
+                     torch.randn(200, 1, 28, 28, generator=gen), torch.arange(200) % 10, 10, False)
+
+
+@pytest.fixture(scope="module")
+def quick_report() -> dict:
+    return run_benchmark("cpu", quick=True, data=synthetic_mnist())
+
+
+def test_report_holds_what_the_issue_asks_for(quick_report):
+    report = json.loads(json.dumps(quick_report))  # JSON-ready
+    assert {"cpu", "logical_cores", "torch_threads", "torch", "device"} <= set(report["machine"])
+    for family in FAMILIES:
+        result = report["families"][family]
+        for key in ("aggregate_speedup_vs_loop", "aggregate_vs_memcpy", "split_speedup_vs_loop", "split_vs_memcpy"):
+            assert result[key] > 0, (family, key)
+        assert set(result["mixtures"]) == set(MIXTURES)
+    round_ = report["round"]
+    assert set(round_["phases_s"]) == {"local_training", "split", "aggregate", "sbn", "eval", "other"}
+    assert round_["round_over_training"] == pytest.approx(round_["round_s"] / round_["phases_s"]["local_training"])
+    assert round_["round_s"] >= sum(round_["phases_s"].values()) * 0.99
+    assert round_["peak_memory"]["host_peak_mb"] > 0
+    assert set(round_["flops"]) == {"local_training", "sbn", "eval"}
+    levels = report["cohort"]["levels"]
+    assert set(levels) == set(LEVELS)
+    assert all(row["max_abs_diff"] < 1e-4 for row in levels.values()), "cohort and one-by-one training agree"
+    assert set(report["targets"]) >= {"resnet18_aggregate_vs_memcpy", "transformer_aggregate_speedup_vs_loop",
+                                      "round_over_training"}
+
+
+def test_report_prints_every_table(quick_report):
+    text = format_report(quick_report)
+    for needle in ("machine:", "split and aggregate", "cohort training", "one round", "round / local training",
+                   "peak memory", "targets:"):
+        assert needle in text
+
+
+def test_cli_registers_bench_with_help_for_every_option(capsys):
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    for action in bench._actions:
+        assert action.help, action.dest
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--json" in capsys.readouterr().out
+    assert main(["bench", "--repeats", "0"]) == 2

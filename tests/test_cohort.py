@@ -1,0 +1,119 @@
+"""Cohort training (clients of one width as one batched computation) equals one-by-one training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heterofl_core import cohort, federated
+from heterofl_core.cohort import COHORT_MAX_RATE, grouped_model, train_cohort, use_cohort
+from heterofl_core.config import parse_control
+from heterofl_core.data import ImageData
+from heterofl_core.federated import Federation
+from heterofl_core.losses import label_mask
+from heterofl_core.training import fast_layout, train_client
+from reference import LEVELS, TINY, builder
+from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def client_data(family: str, clients: int, steps: int, seed: int) -> tuple[list, list]:
+    """Per client: its batches (batch 4; client 0 ends with a batch of 3, client 1 has one step
+    fewer: the ragged ends of unequal data sizes) and a random label mask."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, 28, 28) if family == "conv" else (3, 32, 32)
+    batches = [[(torch.randn(4, *shape, generator=gen), torch.randint(0, 10, (4,), generator=gen))
+                for _ in range(steps)] for _ in range(clients)]
+    batches[0][-1] = (batches[0][-1][0][:3], batches[0][-1][1][:3])
+    batches[1] = batches[1][:-1]
+    masks = [label_mask(torch.randperm(10, generator=gen)[:6], 10) for _ in range(clients)]
+    return batches, masks
+
+
+def one_by_one(model, start, batches, masks, cfg) -> list[dict]:
+    """``train_client`` per client; ``batches`` are all its steps (cfg.local_epochs must be 1)."""
+    assert cfg.local_epochs == 1
+    trained = []
+    for client, mask in zip(batches, masks):
+        model.load_state_dict(start)
+        train_client(model, lambda client=client: iter(client), mask, cfg, cfg.lr)
+        trained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return trained
+
+
+@pytest.mark.parametrize("family", ["conv", "resnet18"])
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_cohort_equals_one_by_one(family, level):
+    """Every client's trained parameters and the summed loss match, over ragged ends, masks,
+    momentum, weight decay and gradient clipping (lr 0.5: large steps, where a wrong update would show)."""
+    cfg = parse_control("1_100_0.1_iid_fix_a1-e1_bn_1_1", "MNIST", lr=0.5, local_epochs=1)
+    torch.manual_seed(0)
+    model = fast_layout(builder(family, **TINY[family])(LEVELS[level]))
+    start = {k: v.clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
+    batches, masks = client_data(family, clients=3, steps=3, seed=1)
+    expected = one_by_one(model, start, batches, masks, cfg)
+    got, stats = train_cohort(grouped_model(model), start, batches, masks, cfg, cfg.lr)
+    assert stats.count == sum(y.numel() for client in batches for _, y in client)
+    for mine, theirs in zip(got, expected):
+        assert set(mine) == set(theirs)
+        for key in theirs:
+            torch.testing.assert_close(mine[key], theirs[key], **TOL, msg=lambda m: f"{key}: {m}")
+            assert not torch.equal(mine[key], start[key]) or key.endswith("bias"), key
+
+
+@pytest.mark.parametrize("norm", ["in", "gn", "ln", "none"])
+def test_cohort_equals_one_by_one_other_norms_without_mask(norm):
+    cfg = parse_control(f"1_100_0.1_iid_fix_a1-e1_{norm}_1_0", "MNIST", local_epochs=1)
+    model = builder("conv", norm=norm, **TINY["conv"])(0.25)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    batches, _ = client_data("conv", clients=2, steps=2, seed=2)
+    masks = [None, None]
+    expected = one_by_one(model, start, batches, masks, cfg)
+    got, _ = train_cohort(grouped_model(model), start, batches, masks, cfg, cfg.lr)
+    for mine, theirs in zip(got, expected):
+        for key in theirs:
+            torch.testing.assert_close(mine[key], theirs[key], **TOL, msg=lambda m: f"{key}: {m}")
+
+
+def test_transformer_has_no_grouped_form():
+    assert grouped_model(builder("transformer", **TINY["transformer"])(0.5)) is None
+
+
+def test_rule_is_fixed_per_device_and_width():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not use_cohort(cpu, 0.0625, 1), "one client is never a cohort"
+    assert [use_cohort(cpu, rate, 5) for rate in LEVELS.values()] == [r <= COHORT_MAX_RATE["cpu"] for r in LEVELS.values()]
+    assert all(use_cohort(cuda, rate, 2) for rate in LEVELS.values())
+
+
+def synthetic_mnist(n_train: int = 400, n_test: int = 100) -> ImageData:
+    gen = torch.Generator().manual_seed(0)
+    return ImageData("MNIST", "synthetic", torch.randn(n_train, 1, 28, 28, generator=gen), torch.arange(n_train) % 10,
+                     torch.randn(n_test, 1, 28, 28, generator=gen), torch.arange(n_test) % 10, 10, False)
+
+
+def test_round_with_cohorts_equals_round_one_by_one(monkeypatch):
+    """A whole round (d and e clients, non-iid so that data sizes differ) with cohorts for every
+    width and with none: the same new global state and metrics within float rounding."""
+    cfg = parse_control("1_20_0.5_non-iid-2_fix_d1-e1_bn_1_1", "MNIST", local_epochs=2)
+    outcomes = []
+    for max_rate in (0.0, 1.0):
+        monkeypatch.setitem(COHORT_MAX_RATE, "cpu", max_rate)
+        federation = Federation.assemble(cfg, synthetic_mnist(), torch.device("cpu"), eval_batch_size=100)
+        outcomes.append(federation.run_round(federation.initial_state(), 1))
+    (state_a, metrics_a), (state_b, metrics_b) = outcomes
+    for key in state_a:
+        torch.testing.assert_close(state_a[key], state_b[key], **TOL, msg=lambda m: f"{key}: {m}")
+    for name in ("global_accuracy", "train_loss", "train_accuracy"):
+        assert metrics_a[name] == pytest.approx(metrics_b[name], rel=1e-4, abs=1e-3), name
+
+
+def test_cohort_path_is_taken_in_a_round(monkeypatch):
+    calls = []
+    real = cohort.train_cohort
+    monkeypatch.setattr(federated, "train_cohort", lambda *args, **kw: calls.append(len(args[2])) or real(*args, **kw))
+    cfg = parse_control("1_20_0.5_iid_fix_d1-e1_bn_1_1", "MNIST", local_epochs=1)
+    federation = Federation.assemble(cfg, synthetic_mnist(), torch.device("cpu"), eval_batch_size=100)
+    federation.run_round(federation.initial_state(), 1)
+    assert sum(calls) == cfg.active_users, "both widths (d, e) train as cohorts on the CPU"

@@ -1,0 +1,156 @@
+"""The CI check of the notebooks: every notebook runs end to end through papermill with the smoke
+profile's injected parameters, and the figures with their records appear.
+
+Also: the committed notebooks are clean (no outputs, one `parameters` cell, asserts at the end), every
+profile parameter names a notebook parameter, the paper profile is the paper's settings, a re-run reads
+finished runs back, and a failing notebook is reported with its cell and error.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from heterofl_core import reproduce as rp
+from heterofl_core.cli import main
+from heterofl_core.config import parse_control
+from heterofl_core.experiments import Scale, find_data_root, repo_root, text_corpus
+
+DATA = find_data_root()
+NOTEBOOK_DIR = repo_root() / "notebooks"
+needs_data = pytest.mark.skipif(not (DATA / "MNIST").is_dir() or not (DATA / "SOTU").is_dir(),
+                                reason=f"no offline data at {DATA}: set HETEROFL_DATA or put ../shared/data beside "
+                                       f"the checkout")
+TABLES = ("sizes_MNIST", "sizes_CIFAR10", "sizes_WikiText2", "ablation", "cifar10_table")
+
+
+def parameter_names(notebook: str) -> set[str]:
+    nb = nbformat.read(NOTEBOOK_DIR / f"{notebook}.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    return {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+
+
+# ----------------------------------------------------------------------------- cheap checks
+
+@pytest.mark.parametrize("notebook", rp.NOTEBOOKS)
+def test_committed_notebook_is_clean(notebook: str) -> None:
+    nb = nbformat.read(NOTEBOOK_DIR / f"{notebook}.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "committed without outputs"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged parameters"
+    assert "assert" in code[-1].source, "ends with asserts on what it showed"
+    assert nb.metadata["kernelspec"]["name"] == rp.KERNEL
+
+
+@pytest.mark.parametrize("profile", sorted(rp.PROFILES))
+def test_profile_parameters_exist_in_the_notebooks(profile: str) -> None:
+    for notebook in rp.NOTEBOOKS:
+        injected = set(rp.notebook_parameters(profile, notebook, data_root=Path("d"), out_dir=Path("o"),
+                                              figures_dir=Path("f")))
+        missing = injected - parameter_names(notebook)
+        assert not missing, f"{profile} injects {sorted(missing)} that {notebook} does not declare"
+
+
+def test_paper_profile_is_the_papers_settings() -> None:
+    params = rp.PROFILES["paper"]
+    for notebook, dataset in (("03_mnist_cnn", "MNIST"), ("04_cifar10_resnet18", "CIFAR10"),
+                              ("05_wikitext2_transformer", "WikiText2")):
+        scale = Scale.from_params(**params[notebook])
+        control = scale.control("a1-e1")
+        assert scale.config(dataset, control) == parse_control(control, dataset)
+        assert scale.reductions(dataset) == [], f"{dataset}: paper profile reduces nothing"
+        assert params[notebook]["points"] == list(range(1, 10)) and params[notebook]["global_levels"] == list("abcd")
+    for key, dataset in (("mnist", "MNIST"), ("cifar10", "CIFAR10")):
+        scale = Scale.from_params(**params["06_ablations"][key])
+        control = scale.control("a1-e1", split="non-iid-2")
+        assert scale.config(dataset, control) == parse_control(control, dataset)
+
+
+def test_only_selects_notebooks_and_refuses_unknown_names() -> None:
+    assert rp.select(["03,mnist", "7"]) == ["03_mnist_cnn", "07_paper_figures"]
+    assert rp.select(None) == list(rp.NOTEBOOKS)
+    with pytest.raises(ValueError, match="unknown notebook"):
+        rp.select(["nope"])
+    assert main(["reproduce", "--profile", "smoke", "--only", "nope"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce", "--profile", "huge"])
+    assert exit_.value.code == 2
+
+
+# ----------------------------------------------------------------------------- the smoke reproduction
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("reproduce")
+    started = time.perf_counter()
+    summary = rp.reproduce("smoke", out=out, data_root=DATA)
+    summary["test_seconds"] = time.perf_counter() - started
+    return out, summary
+
+
+@pytest.mark.slow
+@needs_data
+def test_smoke_executes_every_notebook_with_injected_parameters(smoke: tuple[Path, dict]) -> None:
+    out, summary = smoke
+    assert [name for name, run in summary["notebooks"].items() if run["status"] == "ok"] == list(rp.NOTEBOOKS)
+    for notebook in rp.NOTEBOOKS:
+        nb = nbformat.read(out / "notebooks" / f"{notebook}.ipynb", as_version=4)
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert injected and 'profile = "smoke"' in injected[0].source and "interactive = False" in injected[0].source
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, f"{notebook}: {errors[:1]}"
+        assert "all checks passed" in "".join(o.get("text", "") for o in nb.cells[-1].outputs), notebook
+
+
+@pytest.mark.slow
+@needs_data
+def test_smoke_writes_every_figure_with_its_record(smoke: tuple[Path, dict]) -> None:
+    out, _ = smoke
+    figures = out / "figures"
+    corpus, _ = text_corpus(DATA)
+    for dataset in ("MNIST", "CIFAR10", corpus):
+        for kind in ("interpolation", "curves"):
+            stem = figures / f"{kind}_{dataset}"
+            assert stem.with_suffix(".png").stat().st_size > 10_000 and stem.with_suffix(".pdf").exists()
+            record = json.loads(stem.with_suffix(".json").read_text())
+            assert record["profile"] == "smoke" and record["configs"] and record["code_version"] and record["date"]
+            assert dataset in " ".join(record["data_source"])
+            assert any("1 round" in r for r in record["reductions"]), "the record says what was cut"
+    for table in TABLES:
+        for suffix in (".png", ".pdf", ".csv", ".md", ".json"):
+            assert (figures / f"{table}{suffix}").exists(), f"{table}{suffix}"
+    assert "JPEG" in " ".join(json.loads((figures / "cifar10_table.json").read_text())["data_source"])
+    assert (figures / "README.md").read_text().count("![") >= 11
+
+
+@pytest.mark.slow
+@needs_data
+def test_rerun_reads_finished_runs_back(smoke: tuple[Path, dict]) -> None:
+    out, _ = smoke
+    metrics = sorted((out / "runs" / "MNIST").glob("*/metrics.csv"))
+    assert metrics
+    before = {p: p.stat().st_mtime_ns for p in metrics}
+    summary = rp.reproduce("smoke", only=["03"], out=out, data_root=DATA)
+    assert summary["notebooks"]["03_mnist_cnn"]["status"] == "ok"
+    assert {p: p.stat().st_mtime_ns for p in metrics} == before, "finished runs are not trained again"
+    executed = nbformat.read(out / "notebooks" / "03_mnist_cnn.ipynb", as_version=4)
+    assert "(cached)" in "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_failing_notebook_names_the_cell_and_the_error(tmp_path: Path) -> None:
+    params = rp.notebook_parameters("smoke", "03_mnist_cnn", data_root=DATA, out_dir=tmp_path,
+                                    figures_dir=tmp_path / "figures")
+    params["global_levels"] = ["z"]  # not a level: the grid cell raises
+    with pytest.raises(rp.NotebookFailed) as failure:
+        rp.execute("03_mnist_cnn", params, tmp_path)
+    message = str(failure.value)
+    assert "03_mnist_cnn.ipynb failed in cell" in message and "ValueError" in message and "'z'" in message
+    assert (tmp_path / "notebooks" / "03_mnist_cnn.ipynb").exists(), "the executed copy is kept"
