@@ -43,7 +43,7 @@ from torch.func import functional_call
 
 from .config import ExperimentConfig
 from .losses import cross_entropy
-from .training import Batch, TrainStats, correct_predictions
+from .training import Batch, TrainStats, correct_predictions, training_layout
 
 State = dict[str, torch.Tensor]
 
@@ -150,6 +150,7 @@ def train_cohort(grouped: nn.Module, state: State, client_batches: Sequence[Sequ
     momentum = {name: torch.zeros_like(value) for name, value in params.items()}
     stacked_masks = torch.stack(list(masks)) if masks[0] is not None else None  # (K, classes)
     device = next(iter(params.values())).device
+    layout = training_layout(grouped)  # activations NHWC where safe, as in one-by-one training
     stats = TrainStats.zero(device)
     for t in range(max(len(batches) for batches in client_batches)):
         groups: dict[torch.Size, list[int]] = defaultdict(list)  # clients whose batch at step t has this shape
@@ -164,7 +165,7 @@ def train_cohort(grouped: nn.Module, state: State, client_batches: Sequence[Sequ
             sub = params if everyone else {name: value[index].detach().requires_grad_() for name, value in params.items()}
             bufs = momentum if everyone else {name: value[index] for name, value in momentum.items()}
             mask = None if stacked_masks is None else (stacked_masks if everyone else stacked_masks[index])
-            x = x.contiguous(memory_format=torch.channels_last)  # see training.fast_layout
+            x = x.contiguous(memory_format=layout)
             logits = functional_call(grouped, sub, (x,)).unflatten(-1, (len(members), -1))  # (B, G, classes)
             losses = _client_losses(logits, y, mask, cfg.mask_fill)
             grads = torch.autograd.grad(losses.sum(), list(sub.values()))

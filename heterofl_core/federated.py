@@ -193,7 +193,7 @@ class Federation:
 
     def evaluation_model(self, state: dict[str, torch.Tensor], generator: torch.Generator) -> nn.Module:
         """A fresh full-width copy; with sBN, its running statistics over the training set."""
-        model = fast_layout(self.build_eval(self.cfg.global_rate).to(self.device))
+        model = fast_layout(self.build_eval(self.cfg.global_rate).to(self.device), training=False)
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all(k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
                                       for k in missing), (missing, unexpected)

@@ -47,7 +47,7 @@ def test_fast_sbn_equals_plain_sbn():
     contiguous, under no_grad (the authors' way), over the same batches."""
     torch.manual_seed(0)
     plain = builder("conv", track_running_stats=True, **TINY["conv"])(1.0)
-    fast = fast_layout(builder("conv", track_running_stats=True, **TINY["conv"])(1.0))
+    fast = fast_layout(builder("conv", track_running_stats=True, **TINY["conv"])(1.0), training=False)
     fast.load_state_dict(plain.state_dict())
     batches = list(torch.randn(60, 1, 28, 28).split(20))
     plain.train()

@@ -11,7 +11,7 @@ from heterofl_core.config import parse_control
 from heterofl_core.data import ImageData
 from heterofl_core.federated import Federation
 from heterofl_core.losses import label_mask
-from heterofl_core.training import fast_layout, train_client
+from heterofl_core.training import fast_layout, train_client, training_layout
 from reference import LEVELS, TINY, builder
 from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
@@ -74,6 +74,13 @@ def test_cohort_equals_one_by_one_other_norms_without_mask(norm):
     for mine, theirs in zip(got, expected):
         for key in theirs:
             torch.testing.assert_close(mine[key], theirs[key], **TOL, msg=lambda m: f"{key}: {m}")
+
+
+def test_models_with_strided_convolutions_train_nchw():
+    """NHWC weight gradients of strided 1x1 convolutions corrupt the heap in PyTorch 2.14 (training.training_layout)."""
+    resnet, conv = builder("resnet18", **TINY["resnet18"])(0.5), builder("conv", **TINY["conv"])(0.5)
+    assert training_layout(resnet) == training_layout(grouped_model(resnet)) == torch.contiguous_format
+    assert training_layout(conv) == training_layout(grouped_model(conv)) == torch.channels_last
 
 
 def test_transformer_has_no_grouped_form():
