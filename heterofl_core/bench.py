@@ -286,8 +286,9 @@ def bench_round(data: ImageData, device: torch.device, quick: bool) -> dict[str,
     federation = Federation.assemble(cfg, data, device, batch)
     state = federation.initial_state()
     _reset_peak_memory(device)
+    before = _peak_memory(device)["host_peak_mb"]  # the data, the library and the global state
     _, metrics = federation.run_round(state, 1)
-    memory = _peak_memory(device)
+    memory = {**_peak_memory(device), "host_before_round_mb": before}
     phases = {name: metrics.get(f"{name}_s", 0.0) for name in
               ("local_training", "split", "aggregate", "sbn", "eval", "other")}
     # FLOPs (multiply-add = 2) per phase; training ~ 3 forwards per sample (forward, input and
@@ -322,9 +323,9 @@ def run_benchmark(device: str = "auto", *, quick: bool = False, data: ImageData 
         data = load_dataset("MNIST", data_root)
     report: dict[str, Any] = {"machine": machine_info(torch_device),
                               "settings": {"quick": quick, "repeats": repeats, "device": str(torch_device)}}
-    report["families"] = {family: bench_family(family, torch_device, quick, repeats) for family in families}
+    report["round"] = bench_round(data, torch_device, quick)  # first: freed memory stays in the process
     report["cohort"] = bench_cohort(data, torch_device, quick, repeats)
-    report["round"] = bench_round(data, torch_device, quick)
+    report["families"] = {family: bench_family(family, torch_device, quick, repeats) for family in families}
     if hasattr(os, "getloadavg"):
         report["machine"]["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     report["targets"] = check_targets(report)
@@ -388,7 +389,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"{'round':<16}{round_['round_s']:>9.2f}")
     lines += [f"round / local training: {round_['round_over_training']:.2f} "
               f"(at equal FLOP rate in every phase: {round_['round_over_training_at_equal_flop_rate']:.2f})",
-              f"peak memory: host {memory['host_peak_mb']:.0f} MB ({memory['host_method']})"
+              f"peak memory: host {memory['host_peak_mb']:.0f} MB ({memory['host_method']}; "
+              f"{memory['host_before_round_mb']:.0f} MB before the round)"
               + (f", GPU {memory['device_peak_mb']:.0f} MB" if "device_peak_mb" in memory else "")]
     lines += ["", "targets: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in report["targets"].items())]
     return "\n".join(lines)

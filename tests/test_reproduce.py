@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
 
 from heterofl_core import reproduce as rp
@@ -30,9 +31,14 @@ TABLES = ("sizes_MNIST", "sizes_CIFAR10", "sizes_WikiText2", "ablation", "cifar1
 
 
 def parameter_names(notebook: str) -> set[str]:
-    nb = nbformat.read(NOTEBOOK_DIR / f"{notebook}.ipynb", as_version=4)
+    """The parameters as papermill reads them from the `parameters` cell (every line must parse)."""
+    path = NOTEBOOK_DIR / f"{notebook}.ipynb"
+    nb = nbformat.read(path, as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    return {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+    assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+    inferred = set(papermill.inspect_notebook(str(path)))
+    assert inferred == assigned, f"papermill cannot parse {sorted(assigned - inferred)} in {notebook}"
+    return inferred
 
 
 # ----------------------------------------------------------------------------- cheap checks
