@@ -60,6 +60,7 @@ class ExperimentConfig:
     # --- evaluation cost (the paper: every round, sBN over the whole training set) ---
     eval_every: int = 1  # sBN statistics + test every k rounds and at the last round
     sbn_samples: int = 0  # sBN statistics over this many random training samples; 0 = all of them
+    sbn_batch_size: int = 0  # batches the sBN statistics average over; 0 = batch_size_train (the authors' loader)
     # --- model options ---
     resnet_blocks: tuple[int, ...] = (1, 1, 1, 2)  # the paper's numbers; the authors' later code: (2, 2, 2, 2)
     mask_fill: str = "zero"  # what replaces logits of absent classes: zero (authors) or -inf
@@ -159,6 +160,7 @@ def _validate(cfg: ExperimentConfig) -> None:
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
     need(cfg.sbn_samples >= 0, f"sbn_samples must be >= 0 (0 = the whole training set), got {cfg.sbn_samples}")
+    need(cfg.sbn_batch_size >= 0, f"sbn_batch_size must be >= 0 (0 = batch_size_train), got {cfg.sbn_batch_size}")
     need(cfg.embedding_size % cfg.num_heads == 0, "embedding_size must be a multiple of num_heads")
     need(0 <= cfg.token_mask_rate < 1, f"token_mask_rate must be in [0, 1), got {cfg.token_mask_rate}")
     need(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")

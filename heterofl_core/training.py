@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -70,11 +71,17 @@ def correct_predictions(logits: torch.Tensor, target: torch.Tensor, mask: torch.
 
 
 @torch.inference_mode()
-def sbn_statistics(model: nn.Module, inputs: Iterable[torch.Tensor]) -> nn.Module:
+def sbn_statistics(model: nn.Module, inputs: Iterable[torch.Tensor], batch_size: int | None = None) -> nn.Module:
     """Static BN (spec section 4): fill the running statistics of a fresh full-width model
     (built with ``track_running_stats=True``, ``momentum=None``) with the cumulative
-    average over ``inputs`` (the whole training set), in train mode without gradients;
-    return it in eval mode.
+    average of per-batch statistics over ``inputs`` (the whole training set), in train
+    mode without gradients; return it in eval mode.
+
+    ``batch_size``: the batch size of the statistics, as the authors' loader gives it
+    (the training batch size). Each input chunk then counts as ``len(x) // batch_size``
+    batches, each normalised and counted on its own, exactly as if they were fed one
+    by one, in one large forward pass (a chunk's last ``len(x) % batch_size`` samples
+    form one more, smaller batch). ``None``: every input chunk is one batch.
 
     Only the BatchNorm layers are put in train mode: they are the layers whose train
     mode collects statistics, and every other layer of the global model computes the
@@ -82,14 +89,54 @@ def sbn_statistics(model: nn.Module, inputs: Iterable[torch.Tensor]) -> nn.Modul
     the statistics are the same and the Scaler's pass over the activations is saved.
     """
     model.eval()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            assert module.momentum is None and module.track_running_stats, "sBN needs a tracking, momentum=None BN"
-            module.reset_running_stats()
-            module.train()
-    for x in inputs:
-        model(x)
+    norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+    for module in norms:
+        assert module.momentum is None and module.track_running_stats, "sBN needs a tracking, momentum=None BN"
+        module.reset_running_stats()
+        module.train()
+    with _batch_statistics(norms, batch_size):
+        for x in inputs:
+            model(x)
     return model.eval()
+
+
+@contextmanager
+def _batch_statistics(norms: list[nn.BatchNorm2d], batch_size: int | None) -> Iterator[None]:
+    """Within the block, ``norms`` treat their input as batches of ``batch_size`` (ghost batches)."""
+    if batch_size is None:
+        yield
+        return
+    for norm in norms:
+        norm.forward = _GhostBatches(norm, batch_size)  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward
+
+
+class _GhostBatches:
+    """Train-mode forward of a momentum-None BatchNorm over consecutive batches of ``batch_size``
+    given as one tensor: BatchNorm's own kernel on each batch, with the factor 1 / (batches so
+    far) that momentum None uses, so the statistics and outputs are those of feeding the
+    batches one by one. Only the small per-batch calls remain; the layers between run on the
+    whole tensor (and each batch's activations stay in cache for its BatchNorm)."""
+
+    def __init__(self, norm: nn.BatchNorm2d, batch_size: int) -> None:
+        self.norm, self.batch_size, self.seen = norm, batch_size, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        out = torch.empty_like(x)  # keeps channels-last
+        save_mean = x.new_empty(x.shape[1])
+        save_invstd = x.new_empty(x.shape[1])
+        for part, dest in zip(x.split(self.batch_size), out.split(self.batch_size)):
+            self.seen += 1
+            torch.ops.aten.native_batch_norm.out(part, norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                                                 True, 1.0 / self.seen, norm.eps,
+                                                 out=dest, save_mean=save_mean, save_invstd=save_invstd)
+        norm.num_batches_tracked.fill_(self.seen)
+        return out
 
 
 def fast_layout(model: nn.Module, training: bool = True) -> nn.Module:

@@ -56,13 +56,16 @@ class ImageWorkload:
         return epoch
 
     def stats_inputs(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """The training set (or ``cfg.sbn_samples`` random samples of it) with its training
-        augmentation, in large batches."""
+        """The training set (or ``cfg.sbn_samples`` random samples of it) in a random order
+        (the authors' shuffled loader), with its training augmentation, in large chunks of
+        whole sBN batches."""
         images = self.data.train_x
+        order = torch.randperm(len(images), generator=generator, device=images.device)
         if 0 < self.cfg.sbn_samples < len(images):
-            pick = torch.randperm(len(images), generator=generator, device=images.device)[:self.cfg.sbn_samples]
-            images = images[pick]
-        for x in images.split(self.eval_batch_size):
+            order = order[:self.cfg.sbn_samples]
+        batch = self.cfg.sbn_batch_size or self.cfg.batch_size_train
+        for index in order.split(max(batch, self.eval_batch_size // batch * batch)):
+            x = images[index]
             yield augment_batch(x, generator) if self.data.augment else x
 
     @torch.no_grad()

@@ -42,22 +42,25 @@ def test_split_equals_the_loop_baseline(family):
         assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
-def test_fast_sbn_equals_plain_sbn():
-    """BatchNorm-only train mode, channels-last, inference mode == the whole model in train mode,
-    contiguous, under no_grad (the authors' way), over the same batches."""
+@pytest.mark.parametrize("family", ["conv", "resnet18"])
+def test_fast_sbn_equals_plain_sbn(family):
+    """BatchNorm-only train mode, channels-last, inference mode, batches of 10 inside chunks of 30
+    == the whole model in train mode, contiguous, under no_grad, fed batches of 10 one by one
+    (the authors' way)."""
     torch.manual_seed(0)
-    plain = builder("conv", track_running_stats=True, **TINY["conv"])(1.0)
-    fast = fast_layout(builder("conv", track_running_stats=True, **TINY["conv"])(1.0), training=False)
+    plain = builder(family, track_running_stats=True, **TINY[family])(1.0)
+    fast = fast_layout(builder(family, track_running_stats=True, **TINY[family])(1.0), training=False)
     fast.load_state_dict(plain.state_dict())
-    batches = list(torch.randn(60, 1, 28, 28).split(20))
+    shape = (1, 28, 28) if family == "conv" else (3, 32, 32)
+    images = torch.randn(64, *shape)
     plain.train()
     with torch.no_grad():
-        for x in batches:
+        for x in images.split(10):
             plain(x)
-    sbn_statistics(fast, iter(batches))
+    sbn_statistics(fast, iter(images.split(30)), 10)
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(fast.state_dict()[key], value, msg=lambda m: f"{key}: {m}")
-    x = torch.randn(8, 1, 28, 28)
+    x = torch.randn(8, *shape)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), plain.eval()(x))
 

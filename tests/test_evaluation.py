@@ -269,6 +269,24 @@ def test_sbn_statistics_are_the_cumulative_average_of_batch_statistics():
         assert torch.equal(state[key], value), key
 
 
+@pytest.mark.parametrize("chunks, batch", [((25, 13), 5), ((12,), 5), ((4,), 5)])
+def test_sbn_statistics_of_ghost_batches_equal_feeding_the_batches_one_by_one(chunks, batch):
+    """Large chunks of whole batches (and a chunk's smaller last batch) give the statistics of the
+    authors' loop over batches of ``batch``."""
+    torch.manual_seed(0)
+    model = TinyBNNet().double()
+    with torch.no_grad():
+        model.bn1.weight.uniform_(0.5, 2.0)
+        model.bn1.bias.uniform_(-1.0, 1.0)
+    inputs = [x.double() for x in make_batches(3, chunks)]
+    batches = [b for x in inputs for b in x.split(batch)]
+    state = sbn_statistics(model, iter(inputs), batch).state_dict()
+    for key, expected in reference_sbn(model, batches).items():
+        torch.testing.assert_close(state[key], expected, rtol=1e-10, atol=1e-12, msg=key)
+    assert state["bn2.num_batches_tracked"].item() == len(batches)
+    assert "forward" not in vars(model.bn1), "the ghost-batch forward is removed afterwards"
+
+
 def test_sbn_statistics_do_not_leak_from_an_earlier_pass():
     torch.manual_seed(0)
     model = TinyBNNet()
