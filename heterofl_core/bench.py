@@ -109,16 +109,21 @@ def loop_aggregate(slicer: Slicer, global_state: State, client_states: Sequence[
 
 # ----------------------------------------------------------------------------- timing and memory
 
-def _seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up call (best: least disturbed by other processes)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+def _seconds(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int) -> dict[str, float]:
+    """Best wall time of each function over ``repeats`` rounds that call them in turn, after one
+    warm-up call each. Taking turns puts the same disturbances (other processes, memory
+    bandwidth taken by neighbours) on every function, so their ratios hold; the best time
+    is the least disturbed one."""
+    for fn in fns.values():
         fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -214,12 +219,12 @@ def bench_server(family: str, mixture: str, device: torch.device, quick: bool, r
     loop_repeats = 1 if family == "transformer" and not quick else repeats  # seconds per call
 
     out: dict[str, Any] = {"rates": rates, "client_mb": sum(t.numel() * t.element_size() for t in client_tensors) / 2**20}
-    out["split_s"] = _seconds(lambda: [slicer.split(global_state, r) for r in rates], device, repeats)
-    out["split_loop_s"] = _seconds(lambda: [loop_split(slicer, global_state, r) for r in rates], device, loop_repeats)
-    out["aggregate_s"] = _seconds(lambda: aggregate(slicer, global_state, clients, rates, labels), device, repeats)
-    out["aggregate_loop_s"] = _seconds(lambda: loop_aggregate(slicer, global_state, clients, rates, labels),
-                                       device, loop_repeats)
-    out["memcpy_s"] = _seconds(_copy_floor(client_tensors), device, repeats)  # the same bytes either way
+    out.update(_seconds({"split_s": lambda: [slicer.split(global_state, r) for r in rates],
+                         "aggregate_s": lambda: aggregate(slicer, global_state, clients, rates, labels),
+                         "memcpy_s": _copy_floor(client_tensors)}, device, repeats))  # the same bytes either way
+    out.update(_seconds({"split_loop_s": lambda: [loop_split(slicer, global_state, r) for r in rates],
+                         "aggregate_loop_s": lambda: loop_aggregate(slicer, global_state, clients, rates, labels)},
+                        device, loop_repeats))
     for phase in ("split", "aggregate"):
         out[f"{phase}_speedup_vs_loop"] = out[f"{phase}_loop_s"] / out[f"{phase}_s"]
         out[f"{phase}_vs_memcpy"] = out[f"{phase}_s"] / out["memcpy_s"]
@@ -266,8 +271,8 @@ def bench_cohort(data: ImageData, device: torch.device, quick: bool, repeats: in
 
         plain, fast = one_by_one(), together()
         per_step = COHORT_CLIENTS * steps
-        row = {"one_by_one_ms": _seconds(one_by_one, device, repeats) / per_step * 1e3,
-               "cohort_ms": _seconds(together, device, repeats) / per_step * 1e3,
+        seconds = _seconds({"one_by_one": one_by_one, "cohort": together}, device, repeats)
+        row = {"one_by_one_ms": seconds["one_by_one"] / per_step * 1e3, "cohort_ms": seconds["cohort"] / per_step * 1e3,
                "rule_picks_cohort": use_cohort(device, rate, COHORT_CLIENTS),
                "max_abs_diff": max((p[k] - f[k]).abs().max().item() for p, f in zip(plain, fast) for k in p)}
         row["speedup"] = row["one_by_one_ms"] / row["cohort_ms"]

@@ -19,7 +19,7 @@ Rules, one per axis:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Callable, Union
 
 import torch
@@ -72,36 +72,35 @@ class TensorSlice:
     rules: Axes
     local_shape: torch.Size
 
-    def region(self, global_tensor: torch.Tensor) -> torch.Tensor:
-        """View of ``global_tensor`` holding this client's entries, in the client's layout
-        (per-head axes stay split as (heads, n/heads))."""
-        view = global_tensor
+    @cached_property
+    def box(self) -> tuple[int, ...]:
+        """The client tensor's shape with heads split out: it holds ``[:n]`` of every axis of
+        :meth:`layout` (all of a FULL or LABELS axis)."""
+        shape: list[int] = []
+        for rule, n in zip(self.rules, self.local_shape):
+            shape.extend((rule.count, n // rule.count) if isinstance(rule, Heads) else (n,))
+        return tuple(shape)
+
+    def layout(self, tensor: torch.Tensor) -> torch.Tensor:
+        """View of a global tensor with every ``Heads`` axis split as (heads, per head)."""
         offset = 0  # how many axes Heads rules have added so far
-        for axis, (rule, n) in enumerate(zip(self.rules, self.local_shape)):
-            axis += offset
-            if rule == PREFIX:
-                view = view.narrow(axis, 0, n)
-            elif isinstance(rule, Heads):
-                view = view.unflatten(axis, (rule.count, -1)).narrow(axis + 1, 0, n // rule.count)
+        for axis, rule in enumerate(self.rules):
+            if isinstance(rule, Heads):
+                tensor = tensor.unflatten(axis + offset, (rule.count, -1))
                 offset += 1
+        return tensor
+
+    def region(self, global_tensor: torch.Tensor) -> torch.Tensor:
+        """View of ``global_tensor`` holding this client's entries, shaped like :meth:`local_view`."""
+        view = self.layout(global_tensor)
+        for axis, n in enumerate(self.box):
+            if n < view.shape[axis]:
+                view = view.narrow(axis, 0, n)
         return view
 
     def local_view(self, local: torch.Tensor) -> torch.Tensor:
         """The client tensor reshaped like :meth:`region` (heads split out)."""
-        shape: list[int] = []
-        for rule, n in zip(self.rules, self.local_shape):
-            shape.extend((rule.count, n // rule.count) if isinstance(rule, Heads) else (n,))
-        return local.view(shape)
-
-    def coverage(self, axis: int, size: int, device: torch.device) -> torch.Tensor:
-        """Bool (size,): which global indices of ``axis`` this client holds (labels aside)."""
-        rule, n = self.rules[axis], self.local_shape[axis]
-        index = torch.arange(size, device=device)
-        if rule == PREFIX:
-            return index < n
-        if isinstance(rule, Heads):
-            return (index % (size // rule.count)) < n // rule.count
-        return torch.ones(size, dtype=torch.bool, device=device)
+        return local.view(self.box)
 
 
 class Slicer:
@@ -114,20 +113,21 @@ class Slicer:
     def __init__(self, build: Callable[[float], nn.Module], global_rate: float = 1.0) -> None:
         self.build = build
         self.global_rate = global_rate
-        self._shapes = lru_cache(maxsize=None)(self._local_shapes)
+        self._slices = lru_cache(maxsize=None)(self._local_slices)
         with torch.device("meta"):
             model = build(global_rate)
         self.axes: dict[str, Axes] = model.width_axes()
         missing = set(model.state_dict()) - set(self.axes)
         assert not missing, f"width_axes() of {type(model).__name__} misses {sorted(missing)}"
 
-    def _local_shapes(self, rate: float) -> dict[str, torch.Size]:
+    def _local_slices(self, rate: float) -> dict[str, TensorSlice]:
         with torch.device("meta"):
-            return {k: v.shape for k, v in self.build(rate).state_dict().items()}
+            shapes = {k: v.shape for k, v in self.build(rate).state_dict().items()}
+        return {k: TensorSlice(self.axes[k], shape) for k, shape in shapes.items()}
 
     def slices(self, rate: float) -> dict[str, TensorSlice]:
         """Per tensor name, where a rate-``rate`` client's tensor sits in the global one."""
-        return {k: TensorSlice(self.axes[k], shape) for k, shape in self._shapes(rate).items()}
+        return dict(self._slices(rate))
 
     def split(self, global_state: State, rate: float) -> State:
         """The rate-``rate`` sub-model's state: loads with ``strict=True`` into ``build(rate)``."""
