@@ -51,13 +51,16 @@ def aggregate(slicer: Slicer, global_state: State, client_states: Sequence[State
     slices = {rate: slicer.slices(rate) for rate in set(rates)}
     new_state: State = {}
     boxed = []
+    rows: dict[torch.device, list[torch.Tensor]] = {}  # distinct label rows (unique waits for a GPU: once)
     for key, old in global_state.items():
         locals_ = [state[key] for state in client_states]
         if not old.is_floating_point():  # counters and the like: averaged plainly
             new_state[key] = torch.stack(locals_).double().mean(0).round().to(old.dtype)
         elif slices[rates[0]][key].rules[0] == LABELS:
-            rows = [torch.unique(labels.to(old.device)) for labels in label_sets]
-            new_state[key] = _mean_over_label_rows(old, [slices[rate][key] for rate in rates], locals_, rows)
+            if old.device not in rows:
+                rows[old.device] = [torch.unique(labels.to(old.device)) for labels in label_sets]
+            new_state[key] = _mean_over_label_rows(old, [slices[rate][key] for rate in rates], locals_,
+                                                   rows[old.device])
         else:
             boxed.append(key)
     new_state.update(_mean_over_boxes({key: global_state[key] for key in boxed},

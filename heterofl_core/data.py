@@ -28,7 +28,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +130,7 @@ def augment_batch(x: Tensor, generator: torch.Generator | None = None,
     device = generator.device if generator is not None else x.device
     shift = torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=generator, device=device).to(x.device)
     flip = torch.randint(0, 2, (n,), generator=generator, device=device).to(x.device).bool()
-    border = torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    border = _constant(fill, x.dtype, x.device).view(1, -1, 1, 1)
     padded = border.expand(n, c, h + 2 * CROP_PADDING, w + 2 * CROP_PADDING).clone()  # (N, C, H+8, W+8)
     padded[:, :, CROP_PADDING:-CROP_PADDING, CROP_PADDING:-CROP_PADDING] = x
     rows = shift[0, :, None] + torch.arange(h, device=x.device)  # (N, H)
@@ -139,6 +139,12 @@ def augment_batch(x: Tensor, generator: torch.Generator | None = None,
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     channel = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # (N, C, H, W)
+
+
+@lru_cache(maxsize=None)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, copied to its device once (a host-to-device copy waits for the GPU)."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def batchify(stream: Tensor, rows: int) -> Tensor:

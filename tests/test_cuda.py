@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from heterofl_core.aggregation import aggregate
+from heterofl_core.config import parse_control
+from heterofl_core.data import augment_batch
 from heterofl_core.losses import cross_entropy, label_mask
-from reference import (FAMILIES, RATES, builder, num_classes, random_labels, random_state_like, shapes_at,
+from heterofl_core.training import train_client
+from reference import (FAMILIES, RATES, TINY, builder, num_classes, random_labels, random_state_like, shapes_at,
                        slicer_for)
 from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
@@ -113,3 +116,26 @@ def test_training_round_on_gpu_equals_cpu(family):
     # the round did something: the trained states differ from their splits
     assert any(not torch.equal(cpu_trained[0][k], cpu_splits[0][k]) for k in cpu_trained[0])
 
+
+
+def test_local_training_with_augmentation_never_waits_for_the_gpu():
+    """Batches drawn and augmented on the GPU, masked loss, clipping, SGD: no step copies to the host."""
+    device = torch.device("cuda")
+    cfg = parse_control("1_100_0.1_iid_fix_a1-e1_bn_1_1", "CIFAR10", local_epochs=2)
+    model = builder("resnet18", **TINY["resnet18"])(0.25).to(device)
+    gen = torch.Generator(device).manual_seed(0)
+    images, targets = torch.randn(30, 3, 32, 32, device=device), torch.randint(0, 10, (30,), device=device)
+
+    def batches():
+        order = torch.randperm(len(targets), generator=gen, device=device)
+        return ((augment_batch(images[i], gen), targets[i]) for i in order.split(10))
+
+    mask = label_mask(torch.arange(5, device=device), 10)
+    train_client(model, batches, mask, cfg, 0.1)  # warm-up: cuDNN plans, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = train_client(model, batches, mask, cfg, 0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats.count == 60 and stats.loss_sum.device.type == "cuda"
