@@ -54,9 +54,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def default_eval_batch_size(device: torch.device) -> int:
-    """Batch size of the sBN pass and evaluation: on a CPU, batches whose activations stay
-    in cache and in the heap (training.reuse_host_memory); on a GPU, batches that fill it.
-    The spec allows any size for sBN (section 9); the authors' 10 only adds overhead."""
+    """Images per forward pass of the sBN pass and evaluation: on a CPU, chunks whose
+    activations stay in cache and in the heap (training.reuse_host_memory); on a GPU,
+    chunks that fill it. sBN still averages over batches of ``batch_size_train`` inside
+    each chunk (training.sbn_statistics), as the authors' loader gives them."""
     return 1000 if device.type == "cuda" else 100
 
 
