@@ -141,7 +141,8 @@ def test_text_corpus_is_iid_only():
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
     for bad in (dict(norm="bn2"), dict(model="vgg"), dict(mask_fill="nan"), dict(model_mode=(("z", 1),)),
-                dict(model_mode=()), dict(resnet_blocks=(1, 1, 1)), dict(milestones=(5, 2)), dict(embedding_size=100)):
+                dict(model_mode=()), dict(resnet_blocks=(1, 1, 1)), dict(milestones=(5, 2)), dict(embedding_size=100),
+                dict(sbn_samples=-1), dict(sbn_batch_size=-10)):
         with pytest.raises(ConfigError):
             ExperimentConfig(**bad)
 

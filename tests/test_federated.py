@@ -319,6 +319,16 @@ def test_sbn_samples_uses_a_random_subset_of_the_training_set(mnist):
     assert full.query("metric == 'global_loss'")["value"].item() != subset.query("metric == 'global_loss'")["value"].item()
 
 
+@pytest.mark.parametrize("overrides, batches", [({}, 20), ({"sbn_batch_size": 64}, 4), ({"batch_size_train": 25}, 8)])
+def test_sbn_statistics_average_over_batches_of_the_training_batch_size(mnist, overrides, batches):
+    """As the authors' loader gives them: 200 training images in batches of 10 are 20 batches
+    (in chunks of 60: 60, 60, 60, 20); sbn_batch_size overrides; a smaller last batch counts once."""
+    fed = Federation.assemble(config(**overrides), mnist, torch.device("cpu"), eval_batch_size=64)
+    model = fed.evaluation_model(fed.initial_state(), torch.Generator().manual_seed(0))
+    counts = {int(m.num_batches_tracked) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert counts == {batches}
+
+
 def test_evaluation_model_is_fresh_every_time(mnist):
     """sBN statistics come from a fresh copy: evaluating state B after state A equals evaluating B alone."""
     cfg = config()
