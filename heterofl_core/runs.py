@@ -37,17 +37,29 @@ class RunError(ValueError):
     """A run folder that cannot be used as asked (exists without --resume, other config, ...)."""
 
 
-def code_version() -> str:
-    """``git describe`` of this checkout (with -dirty), else the package version."""
+def code_version(package: Path = Path(__file__).parent) -> str:
+    """``git describe`` of the checkout holding ``package``, else the package version.
+
+    ``-dirty`` when the code that makes results (the package, the notebooks beside it)
+    differs from the commit; outputs such as ``figures/`` do not count, so a
+    reproduction that writes its figures into the checkout still labels them clean.
+    """
     from . import __version__
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
-        if out.returncode == 0 and out.stdout.strip():
-            return f"{__version__}+{out.stdout.strip()}"
+        described = _git(package, "describe", "--always", "--tags")
+        changed = _git(package, "status", "--porcelain", "--untracked-files=no", "--",
+                       str(package), str(package.parent / "notebooks"))
     except (OSError, subprocess.SubprocessError):
-        pass
-    return __version__
+        return __version__
+    if not described or changed is None:
+        return __version__
+    return f"{__version__}+{described}{'-dirty' if changed else ''}"
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    """A git command's output in ``cwd``, stripped; None when it fails."""
+    out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd, timeout=5)
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def atomic_write(path: Path, write: Any) -> None:
