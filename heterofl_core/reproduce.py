@@ -1,7 +1,7 @@
 """``heterofl reproduce``: execute the staged notebooks with papermill at a profile's scale.
 
     heterofl reproduce --profile smoke                 # every notebook end to end in minutes (CI)
-    heterofl reproduce --profile quick                 # the whole suite on a laptop CPU in about an hour
+    heterofl reproduce --profile quick                 # the whole suite on a laptop CPU in about half an hour
     heterofl reproduce --profile paper --only 03,04    # the paper's settings (a GPU; hours to days)
 
 Each notebook gets the profile's parameters injected into its cell tagged
@@ -167,6 +167,17 @@ def execute(notebook: str, parameters: dict[str, Any], out_dir: Path, log_output
     return target
 
 
+def figures_folder(profile: str, out: str | os.PathLike | None = None,
+                   figures: str | os.PathLike | None = None) -> Path:
+    """Where the figures go: ``figures`` if given; else ``./figures`` (the committed ones come from
+    quick or paper); with ``out``, or for smoke (so a check never replaces them), ``<out>/figures``."""
+    if figures is not None:
+        return Path(figures).resolve()
+    if out is not None or profile == "smoke":
+        return (Path(out if out is not None else "reproduction") / "figures").resolve()
+    return Path("figures").resolve()
+
+
 def reproduce(profile: str, only: Sequence[str] | None = None, out: str | os.PathLike | None = None,
               figures: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
               threads: int | None = None, log_output: bool = False) -> dict[str, Any]:
@@ -180,7 +191,7 @@ def reproduce(profile: str, only: Sequence[str] | None = None, out: str | os.Pat
         raise ValueError(f"data root {root} does not exist; pass --data-root DIR or set HETEROFL_DATA "
                          f"(the offline copy lives in ../shared/data beside the checkout)")
     out_dir = Path(out if out is not None else "reproduction").resolve()
-    figures_dir = Path(figures if figures is not None else (out_dir / "figures" if out is not None else "figures")).resolve()
+    figures_dir = figures_folder(profile, out, figures)
     if log_output:  # papermill logs the cells' output on its logger at INFO
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("papermill").setLevel(logging.INFO)
@@ -247,7 +258,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
                     "<out>/notebooks, runs every experiment into <out>/runs (finished runs are read back and "
                     "skipped, interrupted ones continue), and writes the figures (PNG, PDF and a JSON record each) "
                     "to the figures folder. Profiles: smoke (every notebook in minutes, for CI), quick (the whole "
-                    "suite on a laptop CPU in about an hour, reduced as each figure says), paper (the paper's "
+                    "suite on a laptop CPU in about half an hour, reduced as each figure says), paper (the paper's "
                     "settings; a GPU, hours to days).")
     parser.add_argument("--profile", required=True, choices=sorted(PROFILES), help="smoke, quick or paper")
     parser.add_argument("--only", action="append", metavar="NAMES",
@@ -256,8 +267,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     parser.add_argument("--out", metavar="DIR",
                         help="folder for runs/ and the executed notebooks/ (default ./reproduction); with --out, "
                              "figures go to DIR/figures unless --figures says otherwise")
-    parser.add_argument("--figures", metavar="DIR", help="folder for the figures (default ./figures, or DIR/figures "
-                                                         "with --out)")
+    parser.add_argument("--figures", metavar="DIR", help="folder for the figures (default ./figures; with --out, "
+                                                         "or for smoke, <out>/figures)")
     parser.add_argument("--data-root", metavar="DIR",
                         help="where datasets live (default: $HETEROFL_DATA, else ../shared/data beside the "
                              "checkout, else ./data)")

@@ -149,6 +149,14 @@ def test_rerun_reads_finished_runs_back(smoke: tuple[Path, dict]) -> None:
     assert "(cached)" in "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
 
 
+def test_smoke_never_writes_into_the_committed_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert rp.figures_folder("quick") == rp.figures_folder("paper") == tmp_path / "figures"
+    assert rp.figures_folder("smoke") == tmp_path / "reproduction" / "figures"
+    assert rp.figures_folder("quick", out="o") == rp.figures_folder("smoke", out="o") == tmp_path / "o" / "figures"
+    assert rp.figures_folder("smoke", out="o", figures="f") == tmp_path / "f"
+
+
 @pytest.mark.slow
 @needs_data
 def test_a_failing_notebook_names_the_cell_and_the_error(tmp_path: Path) -> None:
