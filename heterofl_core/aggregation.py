@@ -125,29 +125,32 @@ def _mean_over_label_rows(old: torch.Tensor, pieces: list[TensorSlice], locals_:
     if len(scaled) > 1 or any(piece.rules[axis] != PREFIX for piece in pieces for axis in scaled):
         raise ValueError(f"label rows with scaled axes {[pieces[0].rules[a] for a in scaled]}: "
                          f"only one more PREFIX axis is supported")
-    total = torch.zeros_like(old)
-    for piece, local, held in zip(pieces, locals_, rows):
-        region, values = piece.region(total), local.index_select(0, held)
-        if region.is_contiguous():
-            region.index_add_(0, held, values)
-        else:  # index_add_ is slow on strided views: gather, add, scatter
-            region.index_copy_(0, held, region.index_select(0, held).add_(values))
     masks = [old.new_zeros(old.shape[0]).index_fill_(0, held, 1) for held in rows]
     axis = scaled[0] if scaled else None
     width = [piece.local_shape[axis] if axis is not None else 1 for piece in pieces]
     edges = sorted(set(width), reverse=True) + [0]  # band j: columns [edges[j + 1], edges[j])
     column_shape = [-1] + [1] * (old.dim() - 1)
+    total, bands = torch.empty_like(old), []
     for j in range(len(edges) - 1):
         holders = sum(mask for mask, w in zip(masks, width) if w >= edges[j])  # (rows,)
         if axis is None:
             part, before = total, old
         else:
             part, before = (t.narrow(axis, edges[j + 1], edges[j] - edges[j + 1]) for t in (total, old))
-        part.div_(holders.clamp(min=1).view(column_shape))  # rows nobody that wide holds: 0 / 1 = 0 ...
-        part.addcmul_(before, (holders == 0).to(old.dtype).view(column_shape))  # ... + their old value
+        # rows some client that wide holds start from 0, the others from their old value (x 1)
+        torch.mul(before, (holders == 0).to(old.dtype).view(column_shape), out=part)
+        bands.append((part, holders))
     if axis is not None and edges[0] < old.shape[axis]:  # columns beyond the widest client keep their values
         rest = old.shape[axis] - edges[0]
         total.narrow(axis, edges[0], rest).copy_(old.narrow(axis, edges[0], rest))
+    for piece, local, held in zip(pieces, locals_, rows):
+        region, values = piece.region(total), local.index_select(0, held)
+        if region.is_contiguous():
+            region.index_add_(0, held, values)
+        else:  # index_add_ is slow on strided views: gather, add, scatter
+            region.index_copy_(0, held, region.index_select(0, held).add_(values))
+    for part, holders in bands:
+        part.div_(holders.clamp(min=1).view(column_shape))  # sum / holders; rows nobody holds: old / 1
     return total
 
 
