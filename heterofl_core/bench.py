@@ -43,7 +43,7 @@ from .losses import label_mask
 from .models import build_model
 from .sizes import level_size
 from .slicing import LABELS, PREFIX, Heads, Rule, Slicer, State
-from .training import fast_layout, reuse_host_memory, train_client
+from .training import fast_layout, reuse_host_memory, set_cpu_threads, train_client
 
 PAPER_CONTROL = "1_100_0.1_iid_fix_a1-e1_bn_1_1"
 MIXTURES = ("a1-e1", "a1-b1-c1-d1-e1")
@@ -424,10 +424,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be positive, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be positive, got {args.repeats}")
     report = run_benchmark(args.device, quick=args.quick, data_root=args.data_root, repeats=args.repeats)

@@ -63,6 +63,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice; "
+                                                                 "1 is often faster on a busy shared CPU)")
 
 
 def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -77,7 +79,9 @@ def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .federated import run_experiment
+    from .training import set_cpu_threads
     cfg = _config_from_args(args)
+    set_cpu_threads(args.threads)
     out = args.out or f"runs/{cfg.dataset}_{cfg.control}_seed{cfg.seed}"
     frame = run_experiment(cfg, data_root=args.data_root, out_dir=out, device=args.device,
                            resume=args.resume, quiet=args.quiet)

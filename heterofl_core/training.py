@@ -159,6 +159,16 @@ def training_layout(model: nn.Module) -> torch.memory_format:
     return torch.contiguous_format if strided else torch.channels_last
 
 
+def set_cpu_threads(threads: int | None) -> None:
+    """Torch's intra-op CPU threads (None: torch's choice). On a CPU shared with other busy
+    processes, 1 thread is often faster: a parallel region waits for its slowest thread."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be positive, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def reuse_host_memory() -> None:
     """Keep freed host memory in the process for reuse (glibc only; elsewhere a no-op).
 

@@ -182,6 +182,13 @@ def test_run_bad_set(capsys, tmp_path, setting, words):
     assert all(word in message for word in words), message
 
 
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_zero_threads_are_refused(capsys, tmp_path, command):
+    argv = run_args(tmp_path / "data", tmp_path / "out") if command == "run" else ["bench", "--quick"]
+    message = bad_input(capsys, argv + ["--threads", "0"])
+    assert "--threads must be positive, got 0" in message, message
+
+
 @pytest.mark.parametrize("device, words", [("tpu", ["unknown device 'tpu'", "cpu"]), ("cuda:x", ["cuda"])])
 def test_run_bad_device(capsys, tmp_path, mnist_root, device, words):
     argv = run_args(mnist_root, tmp_path / "out")
