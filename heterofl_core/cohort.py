@@ -49,8 +49,8 @@ State = dict[str, torch.Tensor]
 
 # Widest client rate (client width / base width) that trains as a cohort, per device type.
 # CPU: measured with `heterofl bench` on a 2-core AVX-512 machine (benchmarks/README.md):
-# 5 MNIST CNN clients train 1.2x-1.6x (c) to 2.4-3.5x (e) faster as a cohort; at b 1.13x-1.21x
-# with torch's default 2 threads (0.94x with 1 thread), and at a 1.1-1.3x slower: a step
+# 5 MNIST CNN clients train 1.2x-1.6x (c) to 2.4-3.5x (e) faster as a cohort; at b 1.03x-1.21x
+# over four runs with torch's default 2 threads (0.94x with 1 thread), and at a 1.1-1.3x slower: a step
 # there is arithmetic-bound, and a grouped convolution is no faster than 5 dense ones.
 # GPU: a batch-10 step of any width leaves the device idle, so every width trains together
 # (not measured here: the machine that made these numbers has no GPU).
