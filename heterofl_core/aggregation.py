@@ -76,6 +76,7 @@ def _mean_over_boxes(old: State, pieces: dict[str, list[TensorSlice]], client_st
     the model has tens of small tensors, and per-tensor calls would cost more than the arithmetic.
     """
     total = {key: torch.empty_like(value) for key, value in old.items()}
+    layouts = {key: pieces[key][0].layout(tensor) for key, tensor in total.items()}  # heads split out
     regions: dict[tuple[str, Box], torch.Tensor] = {}  # the same view for every client that wide
     for m, state in enumerate(client_states):
         views, values = [], []
@@ -89,15 +90,15 @@ def _mean_over_boxes(old: State, pieces: dict[str, list[TensorSlice]], client_st
             continue
         if m == 0:  # the first client's values start the sums (0 + x = x); zeros elsewhere
             torch._foreach_copy_(views, values)
-            rest = [_part(pieces[key][0].layout(tensor), shell) for key, tensor in total.items()
-                    for shell in _shell(tuple(pieces[key][0].layout(tensor).shape), pieces[key][0].box)]
+            rest = [_part(view, shell) for key, view in layouts.items()
+                    for shell in _shell(tuple(view.shape), pieces[key][0].box)]
             if rest:
                 torch._foreach_zero_(rest)
         else:
             torch._foreach_add_(views, values)
     parts: dict[int, list[torch.Tensor]] = {}  # by count: one call per count, not per shell
-    for key, tensor in total.items():
-        view, before = pieces[key][0].layout(tensor), pieces[key][0].layout(old[key])
+    for key, view in layouts.items():
+        before = pieces[key][0].layout(old[key])
         clients_per_box = Counter(piece.box for piece in pieces[key])
         boxes = _nested_boxes(clients_per_box)
         holders = 0

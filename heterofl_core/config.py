@@ -94,6 +94,11 @@ class ExperimentConfig:
         return tuple(level for level, _ in self.model_mode)
 
     @property
+    def sbn_batch(self) -> int:
+        """Batches the sBN statistics average over: ``sbn_batch_size``, else the training batch size."""
+        return self.sbn_batch_size or self.batch_size_train
+
+    @property
     def active_users(self) -> int:
         """Users trained per round: ceil(frac * num_users)."""
         return max(1, math.ceil(self.frac * self.num_users - 1e-9))

@@ -199,8 +199,7 @@ class Federation:
         assert not unexpected and all(k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
                                       for k in missing), (missing, unexpected)
         if self.cfg.norm == "bn" and self.cfg.model != "transformer":
-            sbn_statistics(model, self.workload.stats_inputs(generator),
-                           self.cfg.sbn_batch_size or self.cfg.batch_size_train)
+            sbn_statistics(model, self.workload.stats_inputs(generator), self.cfg.sbn_batch)
         return model.eval()
 
 

@@ -63,7 +63,7 @@ class ImageWorkload:
         order = torch.randperm(len(images), generator=generator, device=images.device)
         if 0 < self.cfg.sbn_samples < len(images):
             order = order[:self.cfg.sbn_samples]
-        batch = self.cfg.sbn_batch_size or self.cfg.batch_size_train
+        batch = self.cfg.sbn_batch
         for index in order.split(max(batch, self.eval_batch_size // batch * batch)):
             x = images[index]
             yield augment_batch(x, generator) if self.data.augment else x
