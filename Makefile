@@ -4,9 +4,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-# Data: $HETEROFL_DATA when set, else the offline copy beside the checkout, else ./data.
-HETEROFL_DATA ?= $(if $(wildcard ../shared/data),../shared/data,data)
-export HETEROFL_DATA
+# The data root is not decided here: heterofl_core.data.resolve_data_root does it for every command.
 PROFILE ?= quick
 
 .PHONY: install test reproduce clean

@@ -12,15 +12,16 @@ times as many channels (each channel is one client's), linear layers become one
 batched matmul; ReLU, pooling, the Scaler and residual sums need no change. Each
 client so gets exactly its own step: its own batches in its own order, its masked
 loss, its batch statistics, its gradient-norm clipping, and SGD with momentum and
-weight decay as ``torch.optim.SGD`` computes it. Results equal one-by-one training
+weight decay from ``torch.optim``'s functional update (training.local_step). Results equal one-by-one training
 within float rounding (tests/test_cohort.py).
 
 One batched step replaces K small ones, which pays where a step is bound by
 per-operation overhead rather than arithmetic: narrow models on a CPU, and nearly
 every model on a GPU, where a batch of 10 leaves the device idle. Which widths
-train as cohorts is a fixed rule per device (:func:`use_cohort`), never a timing
-taken during a run, so results never depend on machine noise; ``heterofl bench``
-times both ways per level to check the rule.
+train as cohorts is a measured rule kept as data (:class:`CohortRule`), never a
+timing taken during a run; ``heterofl bench`` times both ways per level to check it.
+The step itself is training.local_step, the one definition of a local step, applied
+here to stacked parameters.
 
 Clients whose data sizes differ (non-iid shards) end at different steps or with a
 smaller last batch: each step runs together the clients whose batches at that
@@ -33,7 +34,10 @@ and attention) train one by one: :func:`grouped_model` returns None for them.
 from __future__ import annotations
 
 import copy
+import json
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -43,23 +47,45 @@ from torch.func import functional_call
 
 from .config import ExperimentConfig
 from .losses import cross_entropy
-from .training import Batch, TrainStats, correct_predictions, training_layout
+from .training import Batch, TrainStats, correct_predictions, local_step, training_layout
 
 State = dict[str, torch.Tensor]
 
-# Widest client rate (client width / base width) that trains as a cohort, per device type.
-# CPU: measured with `heterofl bench` on a 2-core AVX-512 machine (benchmarks/README.md):
-# 5 MNIST CNN clients train 1.2x-1.6x (c) to 2.4-3.5x (e) faster as a cohort; at b 1.03x-1.21x
-# over four runs with torch's default 2 threads (0.94x with 1 thread), and at a 1.1-1.3x slower: a step
-# there is arithmetic-bound, and a grouped convolution is no faster than 5 dense ones.
-# GPU: a batch-10 step of any width leaves the device idle, so every width trains together
-# (not measured here: the machine that made these numbers has no GPU).
-COHORT_MAX_RATE = {"cpu": 0.5, "cuda": 1.0}
+RULE_FILE = Path(__file__).with_name("cohort_rule.json")
 
 
-def use_cohort(device: torch.device, rate: float, clients: int) -> bool:
-    """The fixed rule: do the ``clients`` clients of width ``rate`` train together on ``device``?"""
-    return clients >= 2 and rate <= COHORT_MAX_RATE.get(device.type, 0.0)
+@dataclass(frozen=True)
+class CohortRule:
+    """Which clients train as a cohort: at least two of one width, of rate at most ``max_rate``.
+
+    A measured fact about a kind of device, kept as data (``cohort_rule.json``; ``heterofl
+    bench`` measures it and prints the rule its numbers give). It only decides speed: a
+    client's result is the same either way, up to float rounding (tests/test_cohort.py).
+    """
+
+    max_rate: float = 0.0  # 0: every client trains on its own
+    source: str = ""  # where the number comes from
+
+    def together(self, rate: float, clients: int) -> bool:
+        """Do the ``clients`` clients of width ``rate`` train together?"""
+        return clients >= 2 and rate <= self.max_rate
+
+    @classmethod
+    def measured(cls, device: torch.device) -> CohortRule:
+        """The rule shipped for this kind of device (none: one by one)."""
+        entry = json.loads(RULE_FILE.read_text())["devices"].get(device.type)
+        return cls(**entry) if entry else cls(0.0, f"no measurement for {device.type}")
+
+    @classmethod
+    def from_speedups(cls, speedups: dict[float, float], source: str) -> CohortRule:
+        """The widest rate up to which every measured width trained faster as a cohort
+        (speedup = one-by-one time / cohort time)."""
+        max_rate = 0.0
+        for rate in sorted(speedups):
+            if speedups[rate] <= 1.0:
+                break
+            max_rate = rate
+        return cls(max_rate, source)
 
 
 class _GroupedConv2d(nn.Module):
@@ -170,8 +196,8 @@ def train_cohort(grouped: nn.Module, state: State, client_batches: Sequence[Sequ
             x = x.contiguous(memory_format=layout)
             logits = functional_call(grouped, sub, (x,)).unflatten(-1, (len(members), -1))  # (B, G, classes)
             losses = _client_losses(logits, y, mask, cfg.mask_fill)
-            grads = torch.autograd.grad(losses.sum(), list(sub.values()))
-            _sgd_update(sub, dict(zip(sub, grads)), bufs, cfg, lr)
+            grads = list(torch.autograd.grad(losses.sum(), list(sub.values())))
+            local_step(list(sub.values()), grads, [bufs[name] for name in sub], cfg, lr, per_client=True)
             if not everyone:
                 with torch.no_grad():
                     for name in params:
@@ -187,19 +213,3 @@ def _client_losses(logits: torch.Tensor, target: torch.Tensor, masks: torch.Tens
     """Each client's mean masked cross-entropy: logits (B, G, classes), target (B, G), masks (G, classes) -> (G,)."""
     per_sample = cross_entropy(logits, target, None if masks is None else masks[None], fill, reduction="none")
     return per_sample.view(target.shape).mean(0)
-
-
-@torch.no_grad()
-def _sgd_update(params: State, grads: State, momentum: State, cfg: ExperimentConfig, lr: float) -> None:
-    """Per client (dim 0), in place: ``clip_grad_norm_`` then ``torch.optim.SGD``'s step.
-
-    The momentum buffers start at zero, so the first step's ``0 * m + d`` equals SGD's ``clone(d)``.
-    """
-    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()])  # (P, K)
-    total = torch.linalg.vector_norm(norms, dim=0)  # (K,)
-    clip = torch.clamp(cfg.clip_norm / (total + 1e-6), max=1.0)
-    for name, p in params.items():
-        g = grads[name].mul_(clip.view(-1, *[1] * (p.dim() - 1)))
-        d = g.add_(p, alpha=cfg.weight_decay)
-        buf = momentum[name].mul_(cfg.momentum).add_(d)
-        p.add_(buf, alpha=-lr)

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from .families import FAMILIES, ModelFamily, family_for_dataset, get_family
 
 LEVEL_RATES: dict[str, float] = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
 NORMS = ("bn", "in", "ln", "gn", "none")
 MODEL_SPLITS = ("fix", "dynamic")
-MODELS = ("conv", "resnet18", "transformer")
-IMAGE_DATASETS = {"MNIST": "conv", "CIFAR10": "resnet18"}
 MASK_FILLS = ("zero", "-inf")  # see losses.FILLS
+_VALID_LEVELS = f"valid levels: {', '.join(f'{k}={v:g}' for k, v in LEVEL_RATES.items())}"
 
 
 class ConfigError(ValueError):
@@ -33,7 +35,7 @@ class ConfigError(ValueError):
 class ExperimentConfig:
     """Everything that defines one HeteroFL experiment (spec sections 2 and 7)."""
 
-    dataset: str = "MNIST"  # MNIST, CIFAR10, or a text corpus in WikiText format (WikiText2, SOTU, ...)
+    dataset: str = "MNIST"  # a family's paper dataset (families.py), or any text corpus in WikiText format (SOTU)
     # --- the control string ---
     federated: bool = True  # fed=0 trains one model centrally on all data (data split "none")
     num_users: int = 100
@@ -41,18 +43,18 @@ class ExperimentConfig:
     data_split: str = "iid"  # iid | non-iid-N | none
     model_split: str = "fix"  # fix: a level per user for the whole run; dynamic: drawn every round
     model_mode: tuple[tuple[str, int], ...] = (("a", 1),)  # (level, proportion); first = global level
-    norm: str = "bn"  # bn (static BN), in, ln, gn, none
+    norm: str = "bn"  # bn (static BN), in, ln, gn, none; the transformer always uses LayerNorm (name only)
     scale: bool = True  # Scaler: divide by (client rate / global rate) in training
     mask: bool = True  # masked cross-entropy over the client's labels
     # --- training (paper presets, spec section 7) ---
-    model: str = "conv"
+    model: str = "conv"  # a registered family (families.py); the presets pick the dataset's
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     clip_norm: float = 1.0  # gradient-norm clipping at every local step
     rounds: int = 200
     local_epochs: int = 5
-    batch_size_train: int = 10  # rows of 64 tokens for text
+    batch_size_train: int = 10  # images per batch; text: rows the training stream is laid out in (= num_users)
     batch_size_test: int = 50  # rows for text: the test stream is laid out as this many rows
     milestones: tuple[int, ...] = (100,)  # MultiStepLR, stepped once per round by the server
     gamma: float = 0.1
@@ -78,7 +80,7 @@ class ExperimentConfig:
     @property
     def control(self) -> str:
         """The authors' control string for this config."""
-        mode = "-".join(f"{level}{share}" for level, share in self.model_mode)
+        mode = format_model_mode(self.model_mode)
         return "_".join([
             str(int(self.federated)), str(self.num_users), _format_frac(self.frac), self.data_split,
             self.model_split, mode, self.norm, str(int(self.scale)), str(int(self.mask)),
@@ -138,40 +140,98 @@ def _format_frac(frac: float) -> str:
     return short if float(short) == frac else repr(frac)
 
 
+# Numeric fields: (integer?, test, what is valid).
+NUMERIC_FIELDS: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
+    "num_users": (True, lambda v: v >= 1, "a positive integer"),
+    "frac": (False, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "lr": (False, lambda v: v > 0, "positive"),
+    "momentum": (False, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (False, lambda v: v >= 0, ">= 0"),
+    "clip_norm": (False, lambda v: v > 0, "positive (the gradient-norm bound of every local step)"),
+    "rounds": (True, lambda v: v >= 1, "a positive integer"),
+    "local_epochs": (True, lambda v: v >= 1, "a positive integer"),
+    "batch_size_train": (True, lambda v: v >= 1, "a positive integer"),
+    "batch_size_test": (True, lambda v: v >= 1, "a positive integer"),
+    "gamma": (False, lambda v: v > 0, "positive"),
+    "seed": (True, lambda v: v >= 0, "an integer >= 0"),
+    "eval_every": (True, lambda v: v >= 1, "a positive integer"),
+    "sbn_samples": (True, lambda v: v >= 0, "an integer >= 0 (0 = the whole training set)"),
+    "sbn_batch_size": (True, lambda v: v >= 0, "an integer >= 0 (0 = batch_size_train)"),
+    "bptt": (True, lambda v: v >= 1, "a positive integer"),
+    "token_mask_rate": (False, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "embedding_size": (True, lambda v: v >= 1, "a positive integer"),
+    "num_heads": (True, lambda v: v >= 1, "a positive integer"),
+    "hidden_size": (True, lambda v: v >= 1, "a positive integer"),
+    "num_layers": (True, lambda v: v >= 1, "a positive integer"),
+    "dropout": (False, lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def _is_number(value: Any, integer: bool) -> bool:
+    """An int (not a bool), or for a float field any finite real number."""
+    if isinstance(value, bool):
+        return False
+    if integer:
+        return isinstance(value, numbers.Integral)
+    return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _family(name: str) -> ModelFamily:
+    try:
+        return get_family(name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _dataset_family(dataset: str) -> ModelFamily:
+    try:
+        return family_for_dataset(dataset)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def _validate(cfg: ExperimentConfig) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(cfg.num_users >= 1, f"num_users must be a positive integer, got {cfg.num_users}")
-    need(0 < cfg.frac <= 1, f"frac must be in (0, 1], got {cfg.frac}")
+    for name, (integer, valid, text) in NUMERIC_FIELDS.items():
+        value = getattr(cfg, name)
+        need(_is_number(value, integer) and valid(value), f"{name} must be {text}, got {value!r}")
     need(cfg.model_split in MODEL_SPLITS, f"unknown model split {cfg.model_split!r}; valid: {', '.join(MODEL_SPLITS)}")
     need(cfg.norm in NORMS, f"unknown norm {cfg.norm!r}; valid: {', '.join(NORMS)}")
-    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; valid: {', '.join(MODELS)}")
     need(cfg.mask_fill in MASK_FILLS, f"unknown mask fill {cfg.mask_fill!r}; valid: {', '.join(MASK_FILLS)}")
     _validate_data_split(cfg.data_split, cfg.federated)
-    need(len(cfg.model_mode) >= 1, "model mode needs at least one level, e.g. a1")
-    for level, share in cfg.model_mode:
-        need(level in LEVEL_RATES, f"unknown level {level!r}; valid levels: {', '.join(LEVEL_RATES)}")
-        need(isinstance(share, int) and share >= 1, f"proportion of level {level!r} must be a positive integer, got {share!r}")
-    levels = [level for level, _ in cfg.model_mode]
-    need(len(set(levels)) == len(levels), f"each level may appear once in the model mode, got {'-'.join(levels)}")
-    global_rate = LEVEL_RATES[levels[0]]
-    wider = [level for level in levels if LEVEL_RATES[level] > global_rate]
-    need(not wider, f"the first level ({levels[0]}) is the global model: levels {wider} are wider than it; "
-         f"put the widest level first")
-    for name in ("lr", "gamma", "bptt", "embedding_size", "num_heads", "hidden_size", "num_layers",
-                 "rounds", "local_epochs", "batch_size_train", "batch_size_test"):
-        need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
-    need(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
-    need(cfg.sbn_samples >= 0, f"sbn_samples must be >= 0 (0 = the whole training set), got {cfg.sbn_samples}")
-    need(cfg.sbn_batch_size >= 0, f"sbn_batch_size must be >= 0 (0 = batch_size_train), got {cfg.sbn_batch_size}")
+    check_model_mode(cfg.model_mode)
     need(cfg.embedding_size % cfg.num_heads == 0, "embedding_size must be a multiple of num_heads")
-    need(0 <= cfg.token_mask_rate < 1, f"token_mask_rate must be in [0, 1), got {cfg.token_mask_rate}")
-    need(0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}")
-    need(all(b >= 1 for b in cfg.resnet_blocks) and len(cfg.resnet_blocks) == 4,
+    need(len(cfg.resnet_blocks) == 4 and all(_is_number(b, True) and b >= 1 for b in cfg.resnet_blocks),
          f"resnet_blocks must be four positive integers, got {cfg.resnet_blocks}")
-    need(list(cfg.milestones) == sorted(cfg.milestones), f"milestones must be increasing, got {cfg.milestones}")
+    need(all(_is_number(m, True) and m >= 1 for m in cfg.milestones) and list(cfg.milestones) == sorted(cfg.milestones),
+         f"milestones must be increasing positive round numbers, got {cfg.milestones}")
+    _validate_family(cfg)
+
+
+def _validate_family(cfg: ExperimentConfig) -> None:
+    """The model exists, fits the dataset, and every field it does not read keeps its default."""
+    family, home = _family(cfg.model), _dataset_family(cfg.dataset)
+    if cfg.dataset in home.datasets and home.data_kind != family.data_kind:
+        fitting = [f.name for f in FAMILIES.values() if f.data_kind == home.data_kind]
+        raise ConfigError(f"model {cfg.model!r} takes {family.data_kind} data, but {cfg.dataset} is {home.data_kind} "
+                          f"data: use {' or '.join(fitting)}")
+    for field in dataclasses.fields(cfg):
+        readers = [f.name for f in FAMILIES.values() if field.name in f.config_fields]
+        value = getattr(cfg, field.name)
+        if readers and cfg.model not in readers and value != field.default:
+            raise ConfigError(f"{field.name}={value!r} applies only to model {' / '.join(readers)}, not to "
+                              f"{cfg.model!r}: leave it at its default ({field.default!r})")
+    if family.data_kind == "text":
+        if cfg.data_split.startswith("non-iid"):
+            raise ConfigError(f"text corpus {cfg.dataset!r} supports only the iid split (user i owns row i), "
+                              f"got {cfg.data_split!r}")
+        if cfg.batch_size_train != cfg.num_users:
+            raise ConfigError(f"for text, batch_size_train is the number of rows the training stream is laid out "
+                              f"in, one per user: it must equal num_users ({cfg.num_users}), "
+                              f"got {cfg.batch_size_train}")
 
 
 def _validate_data_split(split: str, federated: bool) -> None:
@@ -195,20 +255,53 @@ def labels_per_user(data_split: str) -> int | None:
     return int(data_split.rsplit("-", 1)[1]) if data_split.startswith("non-iid-") else None
 
 
-def parse_model_mode(text: str) -> tuple[tuple[str, int], ...]:
-    """``'a2-b8'`` -> ``(('a', 2), ('b', 8))``."""
+def parse_model_mode(text: str, *, shorthand: bool = False) -> tuple[tuple[str, int], ...]:
+    """``'a2-b8'`` -> ``(('a', 2), ('b', 8))``; with ``shorthand`` a level may omit its proportion,
+    meaning 1 (``'a-b-c'`` = ``'a1-b1-c1'``). The one parser of model modes; checks :func:`check_model_mode`."""
     mode = []
-    for part in text.split("-"):
-        match = re.fullmatch(r"([a-z])(\d+)", part)
-        if not match:
-            hint = f"level letter {part[:1]!r} is unknown" if part[:1] not in LEVEL_RATES else f"{part!r} has no proportion"
-            raise ConfigError(f"bad model mode {text!r}: {hint}; write levels ({', '.join(LEVEL_RATES)}) "
-                              f"each followed by an integer proportion, joined by '-', e.g. a2-b8 or a1-b1-c1-d1-e1")
-        if match.group(1) not in LEVEL_RATES:
-            raise ConfigError(f"bad model mode {text!r}: unknown level letter {match.group(1)!r}; "
-                              f"valid levels: {', '.join(f'{k}={v:g}' for k, v in LEVEL_RATES.items())}")
-        mode.append((match.group(1), int(match.group(2))))
+    for part in text.strip().split("-"):
+        letter, digits = part[:1], part[1:]
+        problem = ""
+        if letter not in LEVEL_RATES:
+            problem = f"unknown level letter {letter!r}" if letter else "empty"
+        elif digits and not (digits.isascii() and digits.isdigit()):
+            problem = "not a level letter followed by an integer proportion"
+        elif not digits and not shorthand:
+            problem = f"{letter!r} has no proportion"
+        elif digits and int(digits) < 1:
+            problem = f"proportion of level {letter!r} must be >= 1"
+        if problem:
+            omit = " (or none, meaning 1)" if shorthand else ""
+            raise ConfigError(f"bad model mode {text!r}: part {part!r}: {problem}; {_VALID_LEVELS}; write levels "
+                              f"each followed by an integer proportion >= 1{omit}, joined by '-', e.g. a2-b8 or "
+                              f"a1-b1-c1-d1-e1")
+        mode.append((letter, int(digits or 1)))
+    check_model_mode(tuple(mode))
     return tuple(mode)
+
+
+def check_model_mode(mode: tuple[tuple[str, int], ...]) -> None:
+    """Refuse a model mode without levels, with unknown levels, proportions below 1, a level twice,
+    or a level wider than the first (the global model)."""
+    if not mode:
+        raise ConfigError("model mode needs at least one level, e.g. a1")
+    for level, share in mode:
+        if level not in LEVEL_RATES:
+            raise ConfigError(f"unknown level {level!r}; {_VALID_LEVELS}")
+        if not _is_number(share, True) or share < 1:
+            raise ConfigError(f"proportion of level {level!r} must be a positive integer, got {share!r}")
+    levels = [level for level, _ in mode]
+    if len(set(levels)) != len(levels):
+        raise ConfigError(f"each level may appear once in the model mode, got {'-'.join(levels)}")
+    wider = [level for level in levels if LEVEL_RATES[level] > LEVEL_RATES[levels[0]]]
+    if wider:
+        raise ConfigError(f"the first level ({levels[0]}) is the global model: levels {wider} are wider than it; "
+                          f"put the widest level first")
+
+
+def format_model_mode(mode: tuple[tuple[str, int], ...]) -> str:
+    """``(('a', 2), ('b', 8))`` -> ``'a2-b8'`` (the control string's spelling)."""
+    return "-".join(f"{level}{share}" for level, share in mode)
 
 
 CONTROL_FIELDS = ("fed", "num_users", "frac", "data_split", "model_split", "model_mode", "norm", "scale", "mask")
@@ -243,24 +336,28 @@ def parse_control(control: str, dataset: str = "MNIST", **overrides: Any) -> Exp
         scale=flag("scale", scale), mask=flag("mask", mask),
     )
     _validate_data_split(split, values["federated"])
-    preset = paper_preset(dataset, split)
-    return ExperimentConfig(dataset=dataset, **{**preset, **values, **overrides})
+    settings = {**paper_preset(dataset, split), **values, **overrides}
+    if _family(settings["model"]).data_kind == "text" and "batch_size_train" not in overrides:
+        settings["batch_size_train"] = settings["num_users"]  # the training stream: one row per user
+    return ExperimentConfig(dataset=dataset, **settings)
 
 
 def paper_preset(dataset: str, data_split: str = "iid") -> dict[str, Any]:
-    """The paper's training settings for a dataset and split (spec section 7)."""
-    non_iid = data_split.startswith("non-iid")
+    """The paper's training settings for a dataset and split (spec section 7); the model is the
+    dataset's family (:func:`families.family_for_dataset`). A dataset the paper did not use keeps
+    the config's defaults."""
+    family = _dataset_family(dataset)
+    model, non_iid = family.name, data_split.startswith("non-iid")
     if dataset == "MNIST":
-        return dict(model="conv", lr=0.01, rounds=400 if non_iid else 200, local_epochs=5,
+        return dict(model=model, lr=0.01, rounds=400 if non_iid else 200, local_epochs=5,
                     batch_size_train=10, batch_size_test=50, milestones=(200,) if non_iid else (100,))
     if dataset == "CIFAR10":
-        return dict(model="resnet18", lr=0.1, rounds=800 if non_iid else 400, local_epochs=5,
+        return dict(model=model, lr=0.1, rounds=800 if non_iid else 400, local_epochs=5,
                     batch_size_train=10, batch_size_test=50, milestones=(300, 500) if non_iid else (150, 250))
-    # Any other name is a text corpus in WikiText format (WikiText2, SOTU, ...).
-    if non_iid:
-        raise ConfigError(f"text corpus {dataset!r} supports only the iid split (user i owns row i)")
-    return dict(model="transformer", lr=0.1, rounds=200, local_epochs=1,
-                batch_size_train=100, batch_size_test=10, milestones=(50, 100))
+    if family.data_kind == "text":  # WikiText2, and any other corpus in its format (SOTU, ...)
+        return dict(model=model, lr=0.1, rounds=200, local_epochs=1,
+                    batch_size_train=100, batch_size_test=10, milestones=(50, 100))  # 100 rows: the paper's users
+    return dict(model=model)
 
 
 def assign_fixed_levels(model_mode: tuple[tuple[str, int], ...], num_users: int) -> list[str]:

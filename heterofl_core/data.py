@@ -5,7 +5,7 @@ normalised float32 tensor per split, text is one flat tensor of token ids per
 split. A client's data is an index tensor into them (see splits.py); a batch is
 `train_x[idx]`. Loaders return CPU tensors; `.to(device)` moves a whole dataset.
 
-Where data is looked for (`root` = `resolve_data_root(...)`):
+Where data is looked for (`root` = `resolve_data_root(...)`, whose docstring says how it is chosen):
 
     MNIST      root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte
     CIFAR10    root/CIFAR10/cifar-10-batches-py   or  root/cifar-10-batches-py   (pickled batches)
@@ -57,11 +57,42 @@ class DataError(ValueError):
     """Dataset missing, corrupt or in the wrong layout; the message says which dataset, where we looked, the expected layout and how to get it."""
 
 
-def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
-    """The data root: the argument, else $HETEROFL_DATA, else ./data."""
-    if data_root is None:
-        data_root = os.environ.get("HETEROFL_DATA") or "data"
-    return Path(data_root).expanduser()
+DATA_ROOT_RULE = ("default: $HETEROFL_DATA, else ../shared/data beside the checkout when it exists, "
+                  "else <checkout>/data; never the working directory (heterofl_core.data.resolve_data_root)")
+INSTALLED_DATA_ROOT = Path("~/.cache/heterofl/data")  # the last fallback of a package installed outside a checkout
+
+
+def repo_root() -> Path:
+    """The checkout this package lives in: the folder above ``heterofl_core`` (for a copy installed
+    into site-packages, site-packages itself: :func:`resolve_data_root` tells them apart by pyproject.toml)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
+    """The data root, the one rule for the CLI (``heterofl run``, ``bench``, ``reproduce``) and the notebooks.
+
+    The first of:
+
+    1. ``data_root``, when given (not None or "");
+    2. ``$HETEROFL_DATA``, when set and not empty;
+    3. ``../shared/data`` beside the checkout (the offline copy this project ships there), when that folder exists;
+    4. ``<checkout>/data``.
+
+    The checkout is the folder above the ``heterofl_core`` package (:func:`repo_root`). A package
+    installed outside a checkout (site-packages, no pyproject.toml beside it) has neither 3 nor 4
+    and falls back to ``~/.cache/heterofl/data``. No step depends on the working directory, so a
+    notebook opened from ``notebooks/`` finds the same data as ``heterofl run`` from the repository
+    root. The answer is absolute (``~`` expanded; a relative argument or $HETEROFL_DATA is taken
+    from the working directory, as typed); whether it exists is for the loaders to say.
+    """
+    chosen = data_root if data_root not in (None, "") else os.environ.get("HETEROFL_DATA")
+    if chosen:
+        return Path(os.path.abspath(Path(chosen).expanduser()))
+    checkout = repo_root()
+    if not (checkout / "pyproject.toml").is_file():  # installed into site-packages: no checkout
+        return INSTALLED_DATA_ROOT.expanduser()
+    shared = checkout.parent / "shared" / "data"
+    return shared if shared.is_dir() else checkout / "data"
 
 
 def _resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:

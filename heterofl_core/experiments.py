@@ -31,8 +31,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .config import LEVEL_RATES, ExperimentConfig, paper_preset, parse_control
-from .data import ImageData, TextData, load_dataset
+from .config import LEVEL_RATES, ExperimentConfig, format_model_mode, paper_preset, parse_control, parse_model_mode
+from .data import ImageData, TextData, load_dataset, repo_root, resolve_data_root
+from .families import family_for_dataset, get_family
 from .federated import RoundCallback, run_experiment
 from .runs import read_metrics
 from .sizes import DEFAULT_VOCAB_SIZE, mixture_sizes
@@ -44,21 +45,6 @@ PAPER_FRAC = 0.1
 
 # ----------------------------------------------------------------------------- where things live
 
-def repo_root() -> Path:
-    """The checkout this package lives in (the folder above ``heterofl_core``)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def find_data_root(data_root: str | os.PathLike | None = None) -> Path:
-    """The data root: the argument, else $HETEROFL_DATA, else ../shared/data beside the checkout, else ./data."""
-    if data_root:
-        return Path(data_root).expanduser().resolve()
-    if os.environ.get("HETEROFL_DATA"):
-        return Path(os.environ["HETEROFL_DATA"]).expanduser().resolve()
-    shared = repo_root().parent / "shared" / "data"
-    return shared.resolve() if shared.is_dir() else (Path.cwd() / "data").resolve()
-
-
 def default_out_dir() -> Path:
     """Where a notebook run by hand keeps its runs and figures: reproduction/interactive (git-ignored)."""
     return repo_root() / "reproduction" / "interactive"
@@ -66,15 +52,16 @@ def default_out_dir() -> Path:
 
 def notebook_paths(data_root: str | os.PathLike | None, out_dir: str | os.PathLike | None,
                    figures_dir: str | os.PathLike | None) -> tuple[Path, Path, Path]:
-    """(data root, runs folder, figures folder) for a notebook's path parameters (``None`` = the defaults)."""
+    """(data root, runs folder, figures folder) for a notebook's path parameters (``None`` = the defaults;
+    the data root by the one rule of :func:`heterofl_core.data.resolve_data_root`)."""
     out = Path(out_dir).expanduser() if out_dir else default_out_dir()
     figures = Path(figures_dir).expanduser() if figures_dir else out / "figures"
-    return find_data_root(data_root), out / "runs", figures
+    return resolve_data_root(data_root), out / "runs", figures
 
 
 def text_corpus(data_root: str | os.PathLike | None = None) -> tuple[str, str]:
     """(corpus name, note): WikiText2 when a copy is at the data root, else SOTU, said plainly."""
-    root = find_data_root(data_root)
+    root = resolve_data_root(data_root)
     for folder in (root / "WikiText2", root / "wikitext-2"):
         if any((folder / f"{prefix}train.tokens").is_file() for prefix in ("", "wiki.")):
             return "WikiText2", "WikiText2"
@@ -104,7 +91,7 @@ class DataSpec:
     def describe(self) -> str:
         if self.train is None and self.test is None:
             return "whole dataset"
-        unit = "tokens" if self.name not in ("MNIST", "CIFAR10") else "samples"
+        unit = "tokens" if family_for_dataset(self.name).data_kind == "text" else "samples"
         part = lambda n, split: f"all {split}" if n is None else f"{n:,} {split}"  # noqa: E731
         return f"subset: {part(self.train, 'train')} / {part(self.test, 'test')} {unit}"
 
@@ -185,8 +172,10 @@ class Scale:
 
     def control(self, mode: str, split: str = "iid", model_split: str = "fix", norm: str = "bn",
                 scale: bool = True, mask: bool = True) -> str:
-        """A control string at this scale's users, e.g. ``1_10_0.5_iid_fix_a5-b5_bn_1_1``."""
+        """A control string at this scale's users, e.g. ``1_10_0.5_iid_fix_a5-b5_bn_1_1``; ``mode`` may
+        omit proportions of 1 (``a-e`` is ``a1-e1``)."""
         users, frac = self.users()
+        mode = format_model_mode(parse_model_mode(mode, shorthand=True))
         return f"1_{users}_{frac:g}_{split}_{model_split}_{mode}_{norm}_{int(scale)}_{int(mask)}"
 
     def reductions(self, dataset: str, data_split: str = "iid") -> list[str]:
@@ -207,7 +196,7 @@ class Scale:
             shown = ", ".join(map(str, milestones)) if milestones else "none, constant lr"
             out.append(f"lr milestones {shown} (paper: {', '.join(map(str, paper['milestones']))})")
         if self.train_samples is not None or self.test_samples is not None:
-            unit = "tokens" if paper["model"] == "transformer" else "samples"
+            unit = "tokens" if get_family(paper["model"]).data_kind == "text" else "samples"
             out.append(f"data subset: {self.train_samples or 'all'} train / {self.test_samples or 'all'} test {unit}")
         if self.sbn_samples:
             out.append(f"sBN statistics over {self.sbn_samples:,} training samples (paper: all)")
@@ -296,7 +285,7 @@ class Results:
 def headline(dataset_or_cfg: str | ExperimentConfig) -> str:
     """The metric a dataset is judged by: global accuracy, or global perplexity for text."""
     model = dataset_or_cfg.model if isinstance(dataset_or_cfg, ExperimentConfig) else paper_preset(dataset_or_cfg)["model"]
-    return "global_perplexity" if model == "transformer" else "global_accuracy"
+    return "global_perplexity" if get_family(model).data_kind == "text" else "global_accuracy"
 
 
 def run_all(experiments: Sequence[Experiment], runs_dir: str | os.PathLike, *, device: str = "auto",
@@ -348,10 +337,6 @@ def summarise(frame: pd.DataFrame, experiment: Experiment) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the grids
-
-def mode_name(mode: Sequence[tuple[str, int]]) -> str:
-    return "-".join(f"{level}{share}" for level, share in mode)
-
 
 def interpolation_modes(global_levels: Iterable[str], points: Iterable[int]) -> list[dict[str, Any]]:
     """The spec's interpolation grid: per global level x, x alone and x{i}-y{10-i} for each smaller y.

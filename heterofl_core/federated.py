@@ -5,32 +5,38 @@ drawn afresh under ``dynamic``); split the global model to each client's width;
 train locally; aggregate by the per-entry count rule; recompute sBN statistics
 on a fresh full-width copy; evaluate Global and Local metrics.
 
-Every round draws its randomness from generators seeded by (seed, round), so a
-resumed run continues exactly as an uninterrupted one would.
+Randomness comes from generators, never from torch's global state: the server's
+draws of a round from one seeded by (seed, round), each client's from its own,
+seeded by (seed, round, user). So a resumed run continues exactly as an
+uninterrupted one would, and a client's result does not depend on which other
+clients train, in which order or in which process (:meth:`Federation.local_update`).
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .aggregation import aggregate
-from .cohort import grouped_model, train_cohort, use_cohort
+from .cohort import CohortRule, grouped_model, train_cohort
 from .config import LEVEL_RATES, ExperimentConfig, assign_fixed_levels, draw_dynamic_levels
 from .data import ImageData, TextData, load_dataset
+from .families import FAMILIES, get_family
 from .models import model_builder
 from .runs import RunError, RunFolder, RunState, metrics_frame
 from .slicing import Slicer, State
 from .splits import ClientSplit, split_clients
-from .training import Batch, TrainStats, fast_layout, reuse_host_memory, sbn_statistics, scheduled_lr, train_client
+from .training import TrainStats, fast_layout, sbn_statistics, scheduled_lr, train_client
 from .workloads import Workload, make_workload
 
 RoundCallback = Callable[[int, pd.DataFrame], None]
@@ -55,16 +61,39 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def default_eval_batch_size(device: torch.device) -> int:
     """Images per forward pass of the sBN pass and evaluation: on a CPU, chunks whose
-    activations stay in cache and in the heap (training.reuse_host_memory); on a GPU,
-    chunks that fill it. sBN still averages over batches of ``batch_size_train`` inside
-    each chunk (training.sbn_statistics), as the authors' loader gives them."""
+    activations stay in cache; on a GPU, chunks that fill it. sBN still averages over
+    batches of ``batch_size_train`` inside each chunk (training.sbn_statistics), as the
+    authors' loader gives them."""
     return 1000 if device.type == "cuda" else 100
 
 
+def seed_for(*keys: int) -> int:
+    """A 63-bit seed from integer keys (numpy's SeedSequence: well mixed, the same on every platform)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def round_generator(seed: int, round_: int, device: torch.device) -> torch.Generator:
-    """The generator for one round's sampling, shuffling, augmentation and token masks."""
-    torch.manual_seed(seed * 1_000_003 + round_)  # dropout and other global-RNG draws
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + round_)
+    """The server's generator for one round: the active users, dynamic levels, the sBN
+    order and augmentation, and the evaluation's token masks."""
+    return torch.Generator(device).manual_seed(seed_for(seed, round_, 0))
+
+
+def client_generator(seed: int, round_: int, user: int, device: torch.device) -> torch.Generator:
+    """One client's own generator for one round: its shuffling, augmentation, token masks and dropout."""
+    return torch.Generator(device).manual_seed(seed_for(seed, round_, 1, user))
+
+
+@contextmanager
+def global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Within the block torch's global generator on ``device`` (and the CPU) starts from
+    ``seed``; after it, it is back as it was. For layers that draw from it (dropout)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def centralised_split(data: ImageData | TextData) -> ClientSplit:
@@ -73,6 +102,16 @@ def centralised_split(data: ImageData | TextData) -> ClientSplit:
         raise ValueError("centralised training (fed=0) is only implemented for image data")
     everything = torch.arange(data.num_classes)
     return ClientSplit(train=[torch.arange(len(data.train_y))], test=[torch.arange(len(data.test_y))], labels=[everything])
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Who trains in a round and at which width: the server's draws for the round."""
+
+    round: int
+    users: list[int]
+    rates: list[float]
+    lr: float
 
 
 @dataclass
@@ -87,16 +126,20 @@ class Federation:
     labels: list[torch.Tensor]
     fixed_levels: list[str]
     device: torch.device
-    cohorts: bool  # the family has a cohort form (cohort.grouped_model): same-width clients may train together
+    cohort_rule: CohortRule  # which same-width clients train together (speed only)
+    has_cohort_form: bool  # the family has a cohort form (cohort.grouped_model)
+    uses_sbn: bool  # the evaluation copy has BatchNorms whose statistics the server recomputes
+    models: dict[float, nn.Module] = field(default_factory=dict)  # one training model per width, reused
 
     @classmethod
     def assemble(cls, cfg: ExperimentConfig, data: ImageData | TextData, device: torch.device,
-                 eval_batch_size: int = 1000) -> Federation:
-        reuse_host_memory()
-        if (cfg.model == "transformer") != isinstance(data, TextData):
-            kind = "a text corpus" if isinstance(data, TextData) else "image data"
-            raise ValueError(f"model {cfg.model!r} does not fit {data.name} ({kind}): use transformer for text, "
-                             f"conv or resnet18 for images")
+                 eval_batch_size: int = 1000, cohort_rule: CohortRule | None = None) -> Federation:
+        kind = "text" if isinstance(data, TextData) else "image"
+        family = get_family(cfg.model)
+        if family.data_kind != kind:
+            raise ValueError(f"model {cfg.model!r} does not fit {data.name} ({kind} data); it takes {family.data_kind} "
+                             f"data; models for {kind} data: "
+                             f"{', '.join(f.name for f in FAMILIES.values() if f.data_kind == kind)}")
         data = data.to(device)
         if cfg.federated:
             split = split_clients(data, cfg.data_split, cfg.num_users, cfg.seed)
@@ -107,123 +150,162 @@ class Federation:
         workload = make_workload(data, split, cfg, eval_batch_size)
         channels = data.train_x.shape[1] if isinstance(data, ImageData) else None
         build = model_builder(cfg, workload.num_classes, in_channels=channels)
+        build_eval = model_builder(cfg, workload.num_classes, track_running_stats=True, in_channels=channels)
         users = cfg.num_users if cfg.federated else 1
         levels = assign_fixed_levels(cfg.model_mode, users) if cfg.federated else [cfg.model_mode[0][0]]
         with torch.device("meta"):  # free, and draws no random numbers
-            cohorts = grouped_model(build(cfg.global_rate)) is not None
-        return cls(cfg, workload, Slicer(build, cfg.global_rate), build,
-                   model_builder(cfg, workload.num_classes, track_running_stats=True, in_channels=channels),
-                   split.labels, levels, device, cohorts)
+            has_cohort_form = grouped_model(build(cfg.global_rate)) is not None
+            uses_sbn = any(isinstance(m, nn.BatchNorm2d) for m in build_eval(cfg.global_rate).modules())
+        return cls(cfg, workload, Slicer(build, cfg.global_rate), build, build_eval, split.labels, levels, device,
+                   cohort_rule or CohortRule.measured(device), has_cohort_form, uses_sbn)
 
-    def initial_state(self) -> dict[str, torch.Tensor]:
+    def initial_state(self) -> State:
         """The global model's initial parameters, from the config's seed."""
-        torch.manual_seed(self.cfg.seed)
-        return {k: v.to(self.device) for k, v in self.build(self.cfg.global_rate).state_dict().items()}
+        return {k: v.to(self.device) for k, v in self.seeded_build(self.build, self.cfg.global_rate).state_dict().items()}
 
-    def run_round(self, state: dict[str, torch.Tensor], round_: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """One federated round; returns the new global state and the round's metrics and phase times."""
-        cfg, generator = self.cfg, round_generator(self.cfg.seed, round_, self.device)
-        times: dict[str, float] = {}
-        clock = _Clock(self.device)
-        lr = scheduled_lr(cfg, round_)
+    def seeded_build(self, build: Callable[[float], nn.Module], rate: float) -> nn.Module:
+        """``build(rate)`` initialised from the config's seed; torch's global generator is left as it was."""
+        with global_rng(self.cfg.seed, torch.device("cpu")):
+            return build(rate)
+
+    def plan_round(self, round_: int, generator: torch.Generator) -> RoundPlan:
+        """The round's active users (uniform, without replacement) and their widths."""
+        cfg = self.cfg
         users_total = len(self.fixed_levels)
         active = min(cfg.active_users, users_total)
         users = torch.randperm(users_total, generator=generator, device=self.device)[:active].tolist()
         levels = (draw_dynamic_levels(cfg.model_mode, users_total, generator) if cfg.model_split == "dynamic"
                   else self.fixed_levels)
-        rates = [LEVEL_RATES[levels[u]] for u in users]
+        return RoundPlan(round_, users, [LEVEL_RATES[levels[u]] for u in users], scheduled_lr(cfg, round_))
 
-        client_states, stats = self.train_clients(state, users, rates, generator, lr, clock, times)
-        state = aggregate(self.slicer, state, client_states, rates, [self.labels[u] for u in users])
-        times["aggregate_s"] = clock.lap()
-        metrics = {}
-        if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
-            evaluated = self.evaluation_model(state, generator)
-            times["sbn_s"] = clock.lap()
-            metrics = self.workload.evaluate(evaluated, generator)
-            times["eval_s"] = clock.lap()
-        metrics.update(train_loss=(stats.loss_sum / max(stats.count, 1)).item(),
-                       train_accuracy=(stats.correct / max(stats.count, 1) * 100).item(), lr=lr)
-        times["other_s"] = clock.lap()
-        times["round_s"] = clock.total()
-        return state, {**metrics, **times}
+    def run_round(self, state: State, round_: int) -> tuple[State, dict[str, float]]:
+        """One federated round; returns the new global state and the round's metrics and phase times."""
+        generator = round_generator(self.cfg.seed, round_, self.device)
+        timer = PhaseTimer(self.device)
+        with timer.phase("round"):
+            plan = self.plan_round(round_, generator)
+            with timer.phase("split"):
+                subs = {rate: self.slicer.split(state, rate) for rate in dict.fromkeys(plan.rates)}
+            with timer.phase("local_training"):
+                client_states, stats = self.train_clients(subs, plan)
+            with timer.phase("aggregate"):
+                state = aggregate(self.slicer, state, client_states, plan.rates, [self.labels[u] for u in plan.users])
+            metrics: dict[str, float] = {}
+            if round_ % self.cfg.eval_every == 0 or round_ == self.cfg.rounds:
+                with timer.phase("sbn" if self.uses_sbn else "eval"):
+                    evaluated = self.evaluation_model(state, generator)
+                with timer.phase("eval"):
+                    metrics = self.workload.evaluate(evaluated, generator)
+            metrics.update(train_loss=(stats.loss_sum / max(stats.count, 1)).item(),
+                           train_accuracy=(stats.correct / max(stats.count, 1) * 100).item(), lr=plan.lr)
+        return state, {**metrics, **timer.report()}
 
-    def train_clients(self, state: State, users: list[int], rates: list[float], generator: torch.Generator, lr: float,
-                      clock: _Clock, times: dict[str, float]) -> tuple[list[State], TrainStats]:
-        """Local training of the active clients; their trained states in user order.
+    def train_clients(self, subs: dict[float, State], plan: RoundPlan) -> tuple[list[State], TrainStats]:
+        """Local training of the round's clients; their trained states in the plan's order.
 
-        Clients of a width that :func:`cohort.use_cohort` picks train together as one
-        batched computation, the others one by one. Every client's batches are drawn
-        from the generator in user order either way.
+        Each client's result is :meth:`local_update`'s: clients of a width the cohort rule
+        picks train together as one batched computation (cohort.py), which gives the same
+        states up to float rounding, the others one by one.
         """
-        cfg = self.cfg
-        together = {rate for rate, n in Counter(rates).items() if self.cohorts and use_cohort(self.device, rate, n)}
-        models: dict[float, nn.Module] = {}  # built in user order, as the global generator (dropout) expects
-        subs: dict[float, State] = {}  # the sub-model of each width (the same for all its clients)
-        cohorts: dict[float, list[tuple[int, list[Batch], torch.Tensor | None]]] = defaultdict(list)
-        states: list[State] = [{} for _ in users]
+        widths: dict[float, list[int]] = defaultdict(list)  # rate -> positions in the plan
+        for i, rate in enumerate(plan.rates):
+            widths[rate].append(i)
+        states: list[State] = [{} for _ in plan.users]
         stats = TrainStats.zero(self.device)
-        times["split_s"] = times["local_training_s"] = 0.0
-        for i, (user, rate) in enumerate(zip(users, rates)):
-            if rate not in subs:
-                subs[rate] = self.slicer.split(state, rate)
-                times["split_s"] += clock.lap()
-                models[rate] = fast_layout(self.build(rate).to(self.device))
-            batches, mask = self.workload.client_batches(user, generator), self.workload_mask(user)
-            if rate in together:
-                cohorts[rate].append((i, [batch for _ in range(cfg.local_epochs) for batch in batches()], mask))
+        for rate, members in widths.items():
+            users = [plan.users[i] for i in members]
+            if self.has_cohort_form and self.cohort_rule.together(rate, len(users)):
+                trained, cohort_stats = self.cohort_update(subs[rate], users, rate, plan.round)
+                stats = stats.add(cohort_stats)
             else:
-                models[rate].load_state_dict(subs[rate])
-                stats = stats.add(train_client(models[rate], batches, mask, cfg, lr))
-                states[i] = {k: v.detach().clone(memory_format=torch.contiguous_format)
-                             for k, v in models[rate].state_dict().items()}
-            times["local_training_s"] += clock.lap()
-        for rate, members in cohorts.items():
-            trained, cohort_stats = train_cohort(grouped_model(models[rate]), subs[rate],
-                                                 [batches for _, batches, _ in members],
-                                                 [mask for _, _, mask in members], cfg, lr)
-            for (i, _, _), client_state in zip(members, trained):
+                trained = []
+                for user in users:
+                    client_state, client_stats = self.local_update(subs[rate], user, rate, plan.round)
+                    trained.append(client_state)
+                    stats = stats.add(client_stats)
+            for i, client_state in zip(members, trained):
                 states[i] = client_state
-            stats = stats.add(cohort_stats)
-            times["local_training_s"] += clock.lap()
         return states, stats
 
-    def workload_mask(self, user: int) -> torch.Tensor | None:
+    def local_update(self, sub_state: State, user: int, rate: float, round_: int) -> tuple[State, TrainStats]:
+        """One client's round: its rate-``rate`` sub-model trained on its own data.
+
+        A pure function of (the sub-model, the rate, the user's data, the round's settings,
+        the client's generator seeded by (seed, round, user)): it does not depend on which
+        other clients train, in which order, or in which process.
+        """
+        model = self.training_model(rate)
+        model.load_state_dict(sub_state)
+        generator = client_generator(self.cfg.seed, round_, user, self.device)
+        with global_rng(seed_for(self.cfg.seed, round_, 2, user), self.device):  # dropout
+            stats = train_client(model, self.workload.client_batches(user, generator), self.user_mask(user),
+                                 self.cfg, scheduled_lr(self.cfg, round_))
+        return {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}, stats
+
+    def cohort_update(self, sub_state: State, users: list[int], rate: float,
+                      round_: int) -> tuple[list[State], TrainStats]:
+        """:meth:`local_update` for several clients of one width at once (cohort.train_cohort):
+        each client's batches come from its own generator, so each gets its own step."""
+        batches = []
+        for user in users:
+            epoch = self.workload.client_batches(user, client_generator(self.cfg.seed, round_, user, self.device))
+            batches.append([batch for _ in range(self.cfg.local_epochs) for batch in epoch()])
+        grouped = grouped_model(self.training_model(rate))
+        return train_cohort(grouped, sub_state, batches, [self.user_mask(user) for user in users], self.cfg,
+                            scheduled_lr(self.cfg, round_))
+
+    def training_model(self, rate: float) -> nn.Module:
+        """The rate-``rate`` model that local training loads each client's state into."""
+        if rate not in self.models:
+            self.models[rate] = fast_layout(self.seeded_build(self.build, rate).to(self.device))
+        return self.models[rate]
+
+    def user_mask(self, user: int) -> torch.Tensor | None:
         """The user's label mask for the masked loss, or None when masking is off."""
         return self.workload.user_masks[user] if self.cfg.mask else None
 
-    def evaluation_model(self, state: dict[str, torch.Tensor], generator: torch.Generator) -> nn.Module:
+    def evaluation_model(self, state: State, generator: torch.Generator) -> nn.Module:
         """A fresh full-width copy; with sBN, its running statistics over the training set."""
-        model = fast_layout(self.build_eval(self.cfg.global_rate).to(self.device), training=False)
+        model = fast_layout(self.seeded_build(self.build_eval, self.cfg.global_rate).to(self.device), training=False)
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all(k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
                                       for k in missing), (missing, unexpected)
-        if self.cfg.norm == "bn" and self.cfg.model != "transformer":
+        if self.uses_sbn:
             sbn_statistics(model, self.workload.stats_inputs(generator), self.cfg.sbn_batch)
         return model.eval()
 
 
-class _Clock:
-    """Wall-clock laps that wait for the GPU to finish first."""
+class PhaseTimer:
+    """Wall-clock seconds per named phase of a round, waiting for the GPU at every boundary."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = defaultdict(float)
 
-    def lap(self) -> float:
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] += time.perf_counter() - start
+
+    def report(self) -> dict[str, float]:
+        """``{phase}_s`` for every phase, and ``other_s``: the round's time outside them."""
+        phases = {f"{name}_s": value for name, value in self.seconds.items() if name != "round"}
+        return {**phases, "other_s": self.seconds["round"] - sum(phases.values()), "round_s": self.seconds["round"]}
+
+    def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        lap, self.last = now - self.last, now
-        return lap
-
-    def total(self) -> float:
-        return time.perf_counter() - self.start
 
 
 def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None = None, data_root: str | Path | None = None,
                    out_dir: str | Path | None = None, device: str = "auto", resume: bool = False, quiet: bool = False,
-                   on_round: RoundCallback | None = None, eval_batch_size: int | None = None) -> pd.DataFrame:
+                   on_round: RoundCallback | None = None, eval_batch_size: int | None = None,
+                   cohort_rule: CohortRule | None = None) -> pd.DataFrame:
     """Run (or resume) one experiment; return its tidy per-round metrics.
 
     With ``out_dir`` the run is a folder (runs.py) and can be resumed; ``on_round``
@@ -236,7 +318,7 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
         eval_batch_size = default_eval_batch_size(torch_device)
     if data is None:
         data = load_dataset(cfg.dataset, data_root)
-    federation = Federation.assemble(cfg, data, torch_device, eval_batch_size)
+    federation = Federation.assemble(cfg, data, torch_device, eval_batch_size, cohort_rule)
     folder = RunFolder(out_dir) if out_dir is not None else None
     run, state = RunState(), None
     if folder is not None:

@@ -27,7 +27,8 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from .config import LEVEL_RATES
+from .config import LEVEL_RATES, format_model_mode
+from .families import FAMILIES, get_family
 from .runs import code_version
 from .sizes import human
 
@@ -244,45 +245,38 @@ def draw_matrices(matrices: Sequence[np.ndarray], titles: Sequence[str], suptitl
 
 # ----------------------------------------------------------------------------- the rate / mixture explorer
 
-EXPLORER_LAYERS = {  # a few parameters worth looking at, per family (any 2-d+ parameter works)
-    "conv": ["features.5.weight", "features.0.weight", "head.weight"],
-    "resnet18": ["stages.1.0.conv1.weight", "stages.1.0.shortcut.weight", "stem.weight", "head.weight"],
-    "transformer": ["layers.0.attention.q.weight", "layers.0.attention.o.weight", "layers.0.linear1.weight",
-                    "output.weight"],
-}
+EXPLORER_VOCAB = 2000  # a text family's vocabulary is drawn with at most this many rows
 
 
 def _mode_of(proportions: dict[str, int]) -> str:
-    return "-".join(f"{level}{proportions[level]}" for level in LEVEL_NAMES if proportions.get(level, 0) > 0)
+    return format_model_mode(tuple((level, share) for level in LEVEL_NAMES if (share := proportions.get(level, 0)) > 0))
 
 
 def mixture_view(model: str, proportions: dict[str, int], layer: str | None = None,
-                 vocab_size: int = 33278) -> tuple[plt.Figure, pd.DataFrame]:
+                 vocab_size: int | None = None) -> tuple[plt.Figure, pd.DataFrame]:
     """Which entries of one parameter each level of a mixture holds, and the mixture's sizes.
 
     ``proportions`` maps levels to integer shares (0 = absent); the widest present level is the global model.
     """
-    from functools import partial
-
-    from .models import build_model
-    from .sizes import mixture_sizes
+    from .sizes import mixture_sizes, size_builder
     from .slicing import Slicer
 
+    family = get_family(model)
     mode = _mode_of(proportions)
     if not mode:
         raise ValueError("give at least one level a proportion above 0")
     levels = [level for level in LEVEL_NAMES if proportions.get(level, 0) > 0]
-    options: dict[str, Any] = {"vocab_size": min(vocab_size, 2000)} if model == "transformer" else {}
-    slicer = Slicer(partial(build_model, model, global_rate=LEVEL_RATES[levels[0]], **options), LEVEL_RATES[levels[0]])
-    layer = layer or EXPLORER_LAYERS[model][0]
+    drawn = min(vocab_size or family.classes, EXPLORER_VOCAB)
+    slicer = Slicer(size_builder(model, levels[0], vocab_size=drawn)[0], LEVEL_RATES[levels[0]])
+    layer = layer or family.shown_parameters[0]
     owner = entry_levels(slicer, layer, levels)
     sizes = mixture_sizes(model, mode, vocab_size=vocab_size)
     table = pd.DataFrame([{"model": r.model_mode, "share": f"{proportions.get(r.model_mode, 0)}"
                            if r.model_mode in LEVEL_NAMES else "mixture", "params": human(r.params),
                            "FLOPs": human(r.flops), "MB": f"{r.mb:.2f}", "ratio": f"{r.ratio:.3f}"} for r in sizes])
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})
-    shown = f" (vocabulary drawn as {options['vocab_size']} rows)" if options and owner.shape[0] == options["vocab_size"] else ""
-    draw_entry_levels(left, owner, levels, f"{model} {layer}: global {tuple(owner.shape)}{shown}")
+    shown = f" (vocabulary drawn as {drawn} rows)" if family.data_kind == "text" and owner.shape[0] == drawn else ""
+    draw_entry_levels(left, owner, levels, f"{family.display} {layer}: global {tuple(owner.shape)}{shown}")
     level_rows = [r for r in sizes if r.model_mode in LEVEL_NAMES]
     colors = level_colors()
     right.bar([r.model_mode for r in level_rows], [r.params for r in level_rows],
@@ -295,7 +289,7 @@ def mixture_view(model: str, proportions: dict[str, int], layer: str | None = No
 
 
 def mixture_explorer(model: str = "conv", proportions: dict[str, int] | None = None, interactive: bool = True,
-                     vocab_size: int = 33278) -> tuple[plt.Figure, pd.DataFrame] | None:
+                     vocab_size: int | None = None) -> tuple[plt.Figure, pd.DataFrame] | None:
     """Pick a model, levels and proportions, and a layer; see which entries each client level holds and the
     mixture's parameters, FLOPs and MB. Without a frontend: the static view of the given selection."""
     from IPython.display import display
@@ -307,8 +301,8 @@ def mixture_explorer(model: str = "conv", proportions: dict[str, int] | None = N
         return fig, table
     import ipywidgets as w
 
-    model_box = w.Dropdown(options=list(EXPLORER_LAYERS), value=model, description="model")
-    layer_box = w.Dropdown(options=EXPLORER_LAYERS[model], description="layer")
+    model_box = w.Dropdown(options=list(FAMILIES), value=model, description="model")
+    layer_box = w.Dropdown(options=get_family(model).shown_parameters, description="layer")
     sliders = {level: w.IntSlider(value=proportions.get(level, 0), min=0, max=10,
                                   description=f"{level} (r={LEVEL_RATES[level]:g})") for level in LEVEL_NAMES}
     out = w.Output()
@@ -328,7 +322,7 @@ def mixture_explorer(model: str = "conv", proportions: dict[str, int] | None = N
             plt.close(fig)
 
     def new_model(change: dict[str, Any]) -> None:
-        layer_box.options = EXPLORER_LAYERS[change["new"]]  # triggers redraw through layer_box
+        layer_box.options = get_family(change["new"]).shown_parameters  # triggers redraw through layer_box
 
     model_box.observe(new_model, names="value")
     for control in (layer_box, *sliders.values()):

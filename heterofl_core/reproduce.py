@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from .experiments import find_data_root, repo_root
+from .data import DATA_ROOT_RULE, repo_root, resolve_data_root
 from .runs import atomic_write, code_version
 
 NOTEBOOKS = (
@@ -186,10 +186,9 @@ def reproduce(profile: str, only: Sequence[str] | None = None, out: str | os.Pat
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
     notebooks = select(only)
-    root = find_data_root(data_root)
+    root = resolve_data_root(data_root)
     if not root.is_dir():
-        raise ValueError(f"data root {root} does not exist; pass --data-root DIR or set HETEROFL_DATA "
-                         f"(the offline copy lives in ../shared/data beside the checkout)")
+        raise ValueError(f"data root {root} does not exist; pass --data-root DIR ({DATA_ROOT_RULE})")
     out_dir = Path(out if out is not None else "reproduction").resolve()
     figures_dir = figures_folder(profile, out, figures)
     if log_output:  # papermill logs the cells' output on its logger at INFO
@@ -270,8 +269,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     parser.add_argument("--figures", metavar="DIR", help="folder for the figures (default ./figures; with --out, "
                                                          "or for smoke, <out>/figures)")
     parser.add_argument("--data-root", metavar="DIR",
-                        help="where datasets live (default: $HETEROFL_DATA, else ../shared/data beside the "
-                             "checkout, else ./data)")
+                        help=f"where datasets live ({DATA_ROOT_RULE})")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads per notebook kernel (sets OMP_NUM_THREADS; 1 is fastest on a CPU "
                              "shared with other busy processes)")

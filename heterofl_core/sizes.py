@@ -18,21 +18,21 @@ its "ratio" is that mean parameter count over the global (first) level's.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import LEVEL_RATES, parse_model_mode
-from .models import build_model
+from .config import LEVEL_RATES, ExperimentConfig, check_model_mode, parse_control, parse_model_mode
+from .families import WIKITEXT2_VOCAB, get_family
+from .models import model_builder
 
 COUNTED_PARAMETERS = ("weight", "bias")  # the authors count only these parameter names
-DEFAULT_VOCAB_SIZE = 33278  # WikiText2 training vocabulary, without the mask token
-SEQUENCE_LENGTH = 64  # one bptt window: the transformer's sample
+DEFAULT_VOCAB_SIZE = WIKITEXT2_VOCAB  # a text family's default vocabulary, without the mask token
 
 
 @dataclass(frozen=True)
@@ -116,87 +116,63 @@ def count_flops_standard(model: nn.Module, sample: torch.Tensor) -> int:
 
 # ----------------------------------------------------------------------------- levels and mixtures
 
-def _sample(model_name: str, vocab_size: int) -> torch.Tensor:
-    """One input: an MNIST image, a CIFAR10 image, or one 64-token sequence of ids."""
-    if model_name == "conv":
-        return torch.zeros(1, 1, 28, 28)
-    if model_name == "resnet18":
-        return torch.zeros(1, 3, 32, 32)
-    return torch.arange(SEQUENCE_LENGTH).remainder(vocab_size).unsqueeze(0)  # (1, 64) token ids
+def paper_config(model_name: str, global_level: str = "a", **fields: Any) -> ExperimentConfig:
+    """The paper's config for the family's first dataset with the global model at ``global_level``,
+    ``fields`` (config fields the family reads, e.g. ``resnet_blocks``) replaced: what the size tables count."""
+    check_model_mode(((global_level, 1),))
+    dataset = get_family(model_name).datasets[0]
+    return parse_control(f"1_100_0.1_iid_fix_{global_level}1_bn_1_1", dataset, model=model_name, **fields)
+
+
+def size_builder(model_name: str, global_level: str = "a", *, vocab_size: int | None = None,
+                 **fields: Any) -> tuple[Callable[[float], nn.Module], torch.Tensor]:
+    """``rate -> model`` as the size tables count it, and one input sample for the FLOP counters.
+
+    ``vocab_size`` is a text family's vocabulary (default: its paper corpus's); image families
+    count the classes of their paper dataset.
+    """
+    family = get_family(model_name)
+    cfg = paper_config(model_name, global_level, **fields)
+    classes = vocab_size if vocab_size and family.data_kind == "text" else family.classes
+    return model_builder(cfg, classes), family.sample(cfg, classes)
 
 
 @lru_cache(maxsize=None)
-def _measure(model_name: str, rate: float, global_rate: float, vocab_size: int,
-             resnet_blocks: tuple[int, ...]) -> tuple[int, int, int]:
+def _measure(model_name: str, level: str, global_level: str, vocab_size: int | None,
+             fields: tuple[tuple[str, Any], ...]) -> tuple[int, int, int]:
     """(params, authors' FLOPs, standard FLOPs) of one model; cached, models are deterministic in size."""
-    if model_name == "transformer":
-        options: dict[str, object] = dict(vocab_size=vocab_size)
-    elif model_name == "resnet18":
-        options = dict(blocks=resnet_blocks)
-    elif model_name == "conv":
-        options = {}
-    else:
-        raise ValueError(f"unknown model {model_name!r}; valid: conv, resnet18, transformer")
-    model = build_model(model_name, rate, global_rate=global_rate, **options)
-    sample = _sample(model_name, vocab_size)
+    build, sample = size_builder(model_name, global_level, vocab_size=vocab_size, **dict(fields))
+    model = build(LEVEL_RATES[level])
     return count_params(model), count_flops_authors(model, sample), count_flops_standard(model, sample)
 
 
-def _check_level(level: str) -> None:
-    if level not in LEVEL_RATES:
-        raise ValueError(f"unknown level {level!r}; valid levels: "
-                         f"{', '.join(f'{k}={v:g}' for k, v in LEVEL_RATES.items())}")
-
-
-def level_size(model_name: str, level: str, *, vocab_size: int = DEFAULT_VOCAB_SIZE,
-               resnet_blocks: tuple[int, ...] = (1, 1, 1, 2), global_level: str | None = None) -> ModelSize:
-    """Size of one level; ``ratio`` is against ``global_level`` (default: the level itself, ratio 1)."""
+def level_size(model_name: str, level: str, *, vocab_size: int | None = None, global_level: str | None = None,
+               **fields: Any) -> ModelSize:
+    """Size of one level; ``ratio`` is against ``global_level`` (default: the level itself, ratio 1).
+    ``vocab_size`` and ``fields`` as in :func:`size_builder`."""
+    get_family(model_name)  # an unknown name fails here, not inside the cache
     global_level = level if global_level is None else global_level
-    _check_level(level)
-    _check_level(global_level)
-    rates = (LEVEL_RATES[level], LEVEL_RATES[global_level])
-    params, flops, flops_standard = _measure(model_name, *rates, vocab_size, tuple(resnet_blocks))
-    global_params = _measure(model_name, rates[1], rates[1], vocab_size, tuple(resnet_blocks))[0]
+    check_model_mode(((level, 1),))
+    key = tuple(sorted((name, tuple(v) if isinstance(v, list) else v) for name, v in fields.items()))
+    params, flops, flops_standard = _measure(model_name, level, global_level, vocab_size, key)
+    global_params = _measure(model_name, global_level, global_level, vocab_size, key)[0]
     return ModelSize(level, params, flops, params * 4 / 2**20, params / global_params, flops_standard)
 
 
-def normalise_mode(mode: str) -> tuple[tuple[str, int], ...]:
-    """``'a-b-c'`` or ``'a1-b1-c1'`` -> ``(('a', 1), ('b', 1), ('c', 1))``; ``'a2-b8'`` -> ``(('a', 2), ('b', 8))``."""
-    parts = mode.strip().split("-")
-    valid = f"valid levels: {', '.join(f'{k}={v:g}' for k, v in LEVEL_RATES.items())}"
-    for part in parts:
-        match = re.fullmatch(r"([a-z])(\d*)", part)
-        if not match or match.group(1) not in LEVEL_RATES:
-            raise ValueError(f"bad model mode {mode!r}: part {part!r} is not a level letter with an optional "
-                             f"integer proportion; {valid} (e.g. a-b-c-d-e, a1-b1, a2-b8)")
-        if match.group(2) and int(match.group(2)) < 1:
-            raise ValueError(f"bad model mode {mode!r}: part {part!r} has proportion 0; proportions are "
-                             f"integers >= 1; {valid}")
-    pairs = parse_model_mode("-".join(p if p[1:] else f"{p}1" for p in parts))
-    levels = [level for level, _ in pairs]
-    if len(set(levels)) != len(levels):
-        raise ValueError(f"bad model mode {mode!r}: each level may appear once; {valid}")
-    wider = [level for level in levels if LEVEL_RATES[level] > LEVEL_RATES[levels[0]]]
-    if wider:
-        raise ValueError(f"bad model mode {mode!r}: the first level ({levels[0]}) is the global model, "
-                         f"but {', '.join(wider)} is wider; put the widest level first")
-    return pairs
-
-
-def mixture_sizes(model_name: str, mode: str, *, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                  resnet_blocks: tuple[int, ...] = (1, 1, 1, 2)) -> list[ModelSize]:
+def mixture_sizes(model_name: str, mode: str, *, vocab_size: int | None = None, **fields: Any) -> list[ModelSize]:
     """One row per level of ``mode``, then the mixture's row.
 
     As in the paper's table, a level's row describes that level as a model of its
     own (ratio 1); the mixture's ratio is its mean parameters over the global
     (first) level's.
 
-    The mixture is named by its letters when the proportions are equal (``a-b-c-d-e``
-    for ``a1-b1-c1-d1-e1``) and keeps them otherwise (``a2-b8``). A single-level mode
-    returns just that level's row, which is also its mixture.
+    ``mode`` may omit proportions of 1 (``a-b-c-d-e``). The mixture is named by its letters
+    when the proportions are equal (``a-b-c-d-e`` for ``a1-b1-c1-d1-e1``) and keeps them
+    otherwise (``a2-b8``). A single-level mode returns just that level's row, which is also
+    its mixture. ``vocab_size`` and ``fields`` as in :func:`size_builder`.
     """
-    pairs = normalise_mode(mode)
-    rows = [level_size(model_name, level, vocab_size=vocab_size, resnet_blocks=resnet_blocks) for level, _ in pairs]
+    pairs = parse_model_mode(mode, shorthand=True)
+    rows = [level_size(model_name, level, vocab_size=vocab_size, **fields) for level, _ in pairs]
     if len(rows) == 1:
         return rows
     shares = [share / sum(s for _, s in pairs) for _, share in pairs]

@@ -14,13 +14,18 @@ Rules, one per axis:
   (attention q, k, v outputs and linear_o inputs).
 - ``LABELS``: all rows are sent to the client, but in aggregation a client adds and
   counts only the rows of the labels it holds (output layers, token embeddings).
+
+A :class:`TensorSlice` says where a client tensor sits as a box (the fast form:
+views and narrowing); a :class:`Holding` says the same as index sets, one per axis
+(the general form: any set of channels per axis, which is what aggregation's
+plain rule takes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn
@@ -102,6 +107,47 @@ class TensorSlice:
         """The client tensor reshaped like :meth:`region` (heads split out)."""
         return local.view(self.box)
 
+    def indices(self, global_shape: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """Per axis of the global tensor, the global index of each local position along it:
+        ``arange(n)`` for a prefix, ``h * size + arange(n / heads)`` for head h of ``Heads``,
+        every index of a FULL or LABELS axis."""
+        out = []
+        for rule, n, size in zip(self.rules, self.local_shape, global_shape):
+            if isinstance(rule, Heads):  # (heads, n / heads) -> (n,)
+                head_start = torch.arange(rule.count)[:, None] * (size // rule.count)
+                out.append((head_start + torch.arange(n // rule.count)).flatten())
+            else:
+                assert rule == PREFIX or n == size, f"a {rule} axis is never scaled: {n} of {size}"
+                out.append(torch.arange(n))
+        return tuple(out)
+
+
+@dataclass(frozen=True, eq=False)
+class Holding:
+    """Which entries of a global tensor one client tensor holds, as index sets.
+
+    ``index[k][j]`` is the global index, along axis k, of the client tensor's position j
+    (any distinct indices, in any order: prefixes, per-head prefixes, or arbitrary channel
+    sets). With ``by_label``, axis 0 is label rows: in aggregation the client adds and counts
+    only the rows of the labels it holds. ``static`` is the :class:`TensorSlice` this holding
+    equals when it is a static one (from :meth:`Slicer.holdings`): it lets aggregation take
+    its fast path; ``None`` for any other index sets.
+    """
+
+    index: tuple[torch.Tensor, ...]
+    by_label: bool = False
+    static: TensorSlice | None = None
+
+    @classmethod
+    def of(cls, piece: TensorSlice, global_shape: Sequence[int]) -> Holding:
+        """The holding of a static slice (prefixes, per-head prefixes) of a tensor of ``global_shape``."""
+        return cls(piece.indices(global_shape), piece.rules[:1] == (LABELS,), piece)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The client tensor's shape."""
+        return tuple(len(i) for i in self.index)
+
 
 class Slicer:
     """Split and locate sub-models of one model family whose global model has ``global_rate``.
@@ -119,6 +165,18 @@ class Slicer:
         self.axes: dict[str, Axes] = model.width_axes()
         missing = set(model.state_dict()) - set(self.axes)
         assert not missing, f"width_axes() of {type(model).__name__} misses {sorted(missing)}"
+        for key, tensor in model.state_dict().items():  # refuse a plan the slicer cannot honour
+            rules, where = self.axes[key], f"width_axes() of {type(model).__name__}: {key} {tuple(tensor.shape)}"
+            if len(rules) != tensor.dim():
+                raise ValueError(f"{where} has {tensor.dim()} axes but {len(rules)} rules {rules}")
+            for axis, (rule, size) in enumerate(zip(rules, tensor.shape)):
+                if rule == LABELS and axis != 0:
+                    raise ValueError(f"{where}: LABELS on axis {axis}; label rows are supported on axis 0 only")
+                if isinstance(rule, Heads) and (rule.count < 1 or size % rule.count):
+                    raise ValueError(f"{where}: axis {axis} of size {size} is not {rule.count} equal heads")
+                if not isinstance(rule, Heads) and rule not in (FULL, PREFIX, LABELS):
+                    raise ValueError(f"{where}: unknown rule {rule!r} on axis {axis}; valid: "
+                                     f"FULL, PREFIX, LABELS, Heads(n)")
 
     def _local_slices(self, rate: float) -> dict[str, TensorSlice]:
         with torch.device("meta"):
@@ -128,6 +186,16 @@ class Slicer:
     def slices(self, rate: float) -> dict[str, TensorSlice]:
         """Per tensor name, where a rate-``rate`` client's tensor sits in the global one."""
         return dict(self._slices(rate))
+
+    @cached_property
+    def _holdings(self) -> Callable[[float], dict[str, Holding]]:
+        global_shapes = {key: piece.local_shape for key, piece in self._slices(self.global_rate).items()}
+        return lru_cache(maxsize=None)(
+            lambda rate: {key: Holding.of(piece, global_shapes[key]) for key, piece in self._slices(rate).items()})
+
+    def holdings(self, rate: float) -> dict[str, Holding]:
+        """Per tensor name, the global indices a rate-``rate`` client's tensor holds (index sets)."""
+        return dict(self._holdings(rate))
 
     def split(self, global_state: State, rate: float) -> State:
         """The rate-``rate`` sub-model's state: loads with ``strict=True`` into ``build(rate)``."""

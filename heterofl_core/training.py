@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd
 
 from .config import ExperimentConfig
 from .losses import cross_entropy, masked_logits
+from .models.layers import StaticBatchNorm2d
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input, target)
 
@@ -33,31 +34,53 @@ class TrainStats:
         return TrainStats(self.loss_sum + other.loss_sum, self.correct + other.correct, self.count + other.count)
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: ExperimentConfig, lr: float) -> torch.optim.Optimizer:
-    """A fresh SGD for one client and round, at the server's current learning rate."""
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
 def scheduled_lr(cfg: ExperimentConfig, round_: int) -> float:
     """MultiStepLR stepped once per round: rounds 1..m1 at lr, then lr * gamma, ..."""
     return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if m < round_)
 
 
+@torch.no_grad()
+def clip_grad_norms_(grads: Sequence[torch.Tensor], max_norm: float, per_client: bool = False) -> None:
+    """``nn.utils.clip_grad_norm_`` on gradients, in place: scale them by
+    min(1, max_norm / (total norm + 1e-6)). ``per_client``: every tensor's axis 0 indexes
+    clients (a cohort), and each client's gradients are clipped by its own total norm."""
+    flat = [g.flatten(1) if per_client else g.flatten() for g in grads]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dim=-1) for g in flat]), dim=0)
+    clip = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # () or (K,)
+    for g in grads:
+        g.mul_(clip.view(-1, *[1] * (g.dim() - 1)) if per_client else clip)
+
+
+@torch.no_grad()
+def local_step(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor | None],
+               cfg: ExperimentConfig, lr: float, per_client: bool = False) -> None:
+    """One local step after the gradients (spec section 7): clip the gradient norm, then
+    ``torch.optim.SGD``'s update (its functional form: momentum, weight decay), in place.
+
+    The one definition of a client's step: :func:`train_client` applies it to one model's
+    parameters, cohort training (cohort.py) to K clients' stacked parameters
+    (``per_client``: axis 0 indexes clients; the update is elementwise, the clipping per client).
+    ``momentum_buffers`` start as None (or zeros) and are filled in place, as SGD's state.
+    """
+    clip_grad_norms_(grads, cfg.clip_norm, per_client)
+    sgd(params, grads, momentum_buffers, weight_decay=cfg.weight_decay, momentum=cfg.momentum, lr=lr,
+        dampening=0.0, nesterov=False, maximize=False)
+
+
 def train_client(model: nn.Module, batches: Callable[[], Iterable[Batch]], mask: torch.Tensor | None,
                  cfg: ExperimentConfig, lr: float) -> TrainStats:
-    """``cfg.local_epochs`` passes of SGD over a client's batches (masked cross-entropy,
-    gradient-norm clipping every step). ``batches()`` gives one epoch's batches."""
+    """``cfg.local_epochs`` passes of :func:`local_step` over a client's batches (masked
+    cross-entropy; a fresh optimiser state every round). ``batches()`` gives one epoch's batches."""
     model.train()
-    optimizer = make_optimizer(model.parameters(), cfg, lr)
-    stats = TrainStats.zero(next(model.parameters()).device)
+    params = list(model.parameters())
+    buffers: list[torch.Tensor | None] = [None] * len(params)
+    stats = TrainStats.zero(params[0].device)
     for _ in range(cfg.local_epochs):
         for x, y in batches():
             logits = model(x)
             loss = cross_entropy(logits, y, mask, cfg.mask_fill)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            optimizer.step()
+            grads = list(torch.autograd.grad(loss, params))
+            local_step(params, grads, buffers, cfg, lr)
             with torch.no_grad():
                 stats = stats.add(TrainStats(loss.detach() * y.numel(), correct_predictions(logits, y, mask, cfg.mask_fill), y.numel()))
     return stats
@@ -78,10 +101,11 @@ def sbn_statistics(model: nn.Module, inputs: Iterable[torch.Tensor], batch_size:
     mode without gradients; return it in eval mode.
 
     ``batch_size``: the batch size of the statistics, as the authors' loader gives it
-    (the training batch size). Each input chunk then counts as ``len(x) // batch_size``
-    batches, each normalised and counted on its own, exactly as if they were fed one
-    by one, in one large forward pass (a chunk's last ``len(x) % batch_size`` samples
-    form one more, smaller batch). ``None``: every input chunk is one batch.
+    (the training batch size): each input chunk counts as consecutive batches of that
+    size (its last may be smaller), exactly as if they were fed one by one. Models built
+    with :class:`~heterofl_core.models.layers.StaticBatchNorm2d` do that in one forward
+    pass per chunk (ghost batches); others are fed the batches one by one. ``None``:
+    every input chunk is one batch.
 
     Only the BatchNorm layers are put in train mode: they are the layers whose train
     mode collects statistics, and every other layer of the global model computes the
@@ -94,49 +118,17 @@ def sbn_statistics(model: nn.Module, inputs: Iterable[torch.Tensor], batch_size:
         assert module.momentum is None and module.track_running_stats, "sBN needs a tracking, momentum=None BN"
         module.reset_running_stats()
         module.train()
-    with _batch_statistics(norms, batch_size):
-        for x in inputs:
-            model(x)
-    return model.eval()
-
-
-@contextmanager
-def _batch_statistics(norms: list[nn.BatchNorm2d], batch_size: int | None) -> Iterator[None]:
-    """Within the block, ``norms`` treat their input as batches of ``batch_size`` (ghost batches)."""
-    if batch_size is None:
-        yield
-        return
-    for norm in norms:
-        norm.forward = _GhostBatches(norm, batch_size)  # an instance attribute shadows the method
+    ghost = batch_size is not None and all(isinstance(module, StaticBatchNorm2d) for module in norms)
     try:
-        yield
+        for module in norms if ghost else ():
+            module.ghost_batch = batch_size
+        for x in inputs:
+            for part in (x,) if ghost or batch_size is None else x.split(batch_size):
+                model(part)
     finally:
-        for norm in norms:
-            del norm.forward
-
-
-class _GhostBatches:
-    """Train-mode forward of a momentum-None BatchNorm over consecutive batches of ``batch_size``
-    given as one tensor: BatchNorm's own kernel on each batch, with the factor 1 / (batches so
-    far) that momentum None uses, so the statistics and outputs are those of feeding the
-    batches one by one. Only the small per-batch calls remain; the layers between run on the
-    whole tensor (and each batch's activations stay in cache for its BatchNorm)."""
-
-    def __init__(self, norm: nn.BatchNorm2d, batch_size: int) -> None:
-        self.norm, self.batch_size, self.seen = norm, batch_size, 0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self.norm
-        out = torch.empty_like(x)  # keeps channels-last
-        save_mean = x.new_empty(x.shape[1])
-        save_invstd = x.new_empty(x.shape[1])
-        for part, dest in zip(x.split(self.batch_size), out.split(self.batch_size)):
-            self.seen += 1
-            torch.ops.aten.native_batch_norm.out(part, norm.weight, norm.bias, norm.running_mean, norm.running_var,
-                                                 True, 1.0 / self.seen, norm.eps,
-                                                 out=dest, save_mean=save_mean, save_invstd=save_invstd)
-        norm.num_batches_tracked.fill_(self.seen)
-        return out
+        for module in norms if ghost else ():
+            module.ghost_batch = None
+    return model.eval()
 
 
 def fast_layout(model: nn.Module, training: bool = True) -> nn.Module:
@@ -171,6 +163,9 @@ def set_cpu_threads(threads: int | None) -> None:
 
 def reuse_host_memory() -> None:
     """Keep freed host memory in the process for reuse (glibc only; elsewhere a no-op).
+
+    A process-wide setting: only an entry point opts in (``heterofl run --reuse-host-memory``),
+    never a library call.
 
     By default glibc serves blocks above 128 KiB to 32 MiB with fresh pages from the OS
     and hands them back when freed, so every batch's activations and every new state

@@ -84,7 +84,7 @@ class TextWorkload:
     def __init__(self, data: TextData, split: ClientSplit, cfg: ExperimentConfig, eval_batch_size: int) -> None:
         self.cfg = cfg
         self.num_classes = data.vocab_size
-        self.train_rows = batchify(data.train, cfg.num_users)  # (users, tokens per user)
+        self.train_rows = batchify(data.train, cfg.batch_size_train)  # (rows = users, tokens per user)
         self.test_rows = batchify(data.test, cfg.batch_size_test)  # (10, tokens / 10)
         self.windows_per_batch = max(1, eval_batch_size // (cfg.batch_size_test * cfg.bptt))
         device = data.train.device

@@ -1,13 +1,19 @@
-"""Aggregation (client -> server) against a plain sum-and-count loop (spec section 5)."""
+"""Aggregation (client -> server): the fast path against the library's plain rule, bit for bit, and
+both against independent references: the index-grid loop of ``reference.py`` and, for any index
+sets, a loop over entries (spec section 5)."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heterofl_core.aggregation import aggregate
+from heterofl_core import aggregation
+from heterofl_core.aggregation import aggregate, aggregate_fast, aggregate_holdings, aggregate_plain
+from heterofl_core.slicing import PREFIX, Heads, Holding, TensorSlice
 from reference import (FAMILIES, LEVELS, RATES, SMALL_VOCAB, TINY, builder, coverage_mask, num_classes,
                        random_labels, random_state_like, reference_aggregate, reference_split, shapes_at,
                        slicer_for)
@@ -316,3 +322,219 @@ def test_rows_outside_a_clients_labels_cannot_leak():
     got = aggregate(slicer_for("conv", **tiny), old, [a, b], [1.0, 0.5], labels)
     expected = reference_aggregate("conv", old, [a, b], labels)
     torch.testing.assert_close(got["head.weight"], expected["head.weight"])
+
+
+# ---------------------------------------------------------------- the plain rule is the fast path, bit for bit
+
+def assert_states_equal(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+
+
+def check_plain_equals_fast(family, global_level, levels, seed, **options):
+    """The plain rule on the static holdings == the fast path, bit for bit; and close to reference.py's loop."""
+    g = LEVELS[global_level]
+    rates = [LEVELS[level] for level in levels]
+    old, clients, labels = random_round(family, g, rates, seed, **options)
+    slicer = slicer_for(family, g, **options)
+    plain = aggregate_plain(old, clients, [slicer.holdings(rate) for rate in rates], labels)
+    assert_states_equal(aggregate(slicer, old, clients, rates, labels), plain)
+    assert_states_close(plain, reference_aggregate(family, old, clients, labels))
+
+
+@settings(max_examples=20, deadline=None)
+@given(family=st.sampled_from(FAMILIES), mix=level_mixtures(["a", "b"], max_clients=8),
+       seed=st.integers(0, 2**31 - 1), size=SIZES)
+def test_fast_path_is_the_plain_rule_bit_for_bit(family, mix, seed, size):
+    check_plain_equals_fast(family, *mix, seed, **(TINY["resnet18"] if family == "resnet18" else sized(family, size)))
+
+
+MIXTURES = [levels for n in (1, 2) for levels in itertools.combinations(LEVELS, n)] + [tuple(LEVELS)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("levels", MIXTURES, ids="-".join)
+def test_fast_path_is_the_plain_rule_every_mixture(family, levels):
+    """Every level alone, every pair (one client of the first level, two of the second), all five."""
+    levels = levels[:1] + levels[1:] * 2
+    check_plain_equals_fast(family, "a", levels, seed=len(levels), **TINY[family])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_path_is_the_plain_rule_default_widths(family):
+    check_plain_equals_fast(family, "a", list(LEVELS), seed=17, **({"layers": 1} if family == "transformer" else {}))
+
+
+def test_fast_path_is_the_plain_rule_real_vocabulary():
+    """33,279 token-embedding rows and 33,278 output rows counted by label."""
+    real = {"vocab_size": 33278, "layers": 1}
+    slicer, gen = slicer_for("transformer", **real), torch.Generator().manual_seed(18)
+    rates = [1.0, 0.5, 0.0625, 0.0625]
+    old = random_state_like(shapes_at("transformer", 1.0, **real), gen)
+    clients = [random_state_like(shapes_at("transformer", r, **real), gen) for r in rates]
+    labels = [torch.randperm(33278, generator=gen)[:n] for n in (3000, 20000, 50, 0)]
+    plain = aggregate_plain(old, clients, [slicer.holdings(r) for r in rates], labels)
+    assert_states_equal(aggregate(slicer, old, clients, rates, labels), plain)
+
+
+def test_plain_rule_keeps_a_non_finite_old_value_out_of_counted_rows():
+    """An inf or nan in the old global state, in a row the clients count: the new row is their mean
+    (the old value is not read: inf x 0 would be nan). The fast path multiplies there (documented)."""
+    tiny = TINY["conv"]
+    gen = torch.Generator().manual_seed(19)
+    old = random_state_like(shapes_at("conv", 1.0, **tiny), gen)
+    clients = [random_state_like(shapes_at("conv", r, **tiny), gen) for r in (1.0, 0.5)]
+    old["head.weight"][3] = float("inf")
+    old["head.bias"][3] = float("nan")
+    old["features.0.weight"][0] = float("inf")  # a box entry the clients hold: not read by either path
+    labels = [torch.tensor([3]), torch.tensor([3, 4])]
+    slicer = slicer_for("conv", **tiny)
+    plain = aggregate_plain(old, clients, [slicer.holdings(r) for r in (1.0, 0.5)], labels)
+    assert torch.isfinite(plain["head.weight"][3]).all() and torch.isfinite(plain["head.bias"][3])
+    assert torch.equal(plain["head.weight"][3, 64:], clients[0]["head.weight"][3, 64:])
+    fast = aggregate(slicer, old, clients, [1.0, 0.5], labels)
+    assert torch.equal(fast["features.0.weight"], plain["features.0.weight"])
+    assert torch.isfinite(plain["features.0.weight"]).all()
+
+
+def test_plain_rule_reads_no_row_outside_a_clients_labels():
+    tiny = TINY["transformer"]
+    slicer, gen = slicer_for("transformer", **tiny), torch.Generator().manual_seed(20)
+    old = random_state_like(shapes_at("transformer", 1.0, **tiny), gen)
+    client = random_state_like(shapes_at("transformer", 0.5, **tiny), gen)
+    client["output.weight"][9] = float("inf")  # a token the client does not hold
+    client["token_embedding.weight"][9] = float("nan")
+    got = aggregate_plain(old, [client], [slicer.holdings(0.5)], [torch.tensor([1, 2])])
+    for key in ("output.weight", "token_embedding.weight"):
+        assert torch.equal(got[key][9], old[key][9]), key
+        assert torch.equal(got[key][1, :64], client[key][1]), key
+
+
+def test_plain_rule_inputs_untouched_integers_plain_and_no_clients():
+    old, clients, labels = random_round("conv", 1.0, [1.0, 0.25], seed=21, **TINY["conv"])
+    old = {**old, "counter": torch.tensor(0)}
+    clients = [{**c, "counter": torch.tensor(n)} for c, n in zip(clients, (3, 4))]
+    slicer = slicer_for("conv", **TINY["conv"])
+    holdings = [{**slicer.holdings(r), "counter": None} for r in (1.0, 0.25)]  # non-float: no holding needed
+    old_copy, clients_copy = clone_all([old])[0], clone_all(clients)
+    got = aggregate_plain(old, clients, holdings, labels)
+    assert all(torch.equal(old[k], old_copy[k]) for k in old)
+    assert all(torch.equal(c[k], c_copy[k]) for c, c_copy in zip(clients, clients_copy) for k in c)
+    assert got["counter"].dtype == torch.int64 and int(got["counter"]) == 4  # round(3.5): to even
+    for key, tensor in got.items():
+        assert tensor.untyped_storage().data_ptr() != old[key].untyped_storage().data_ptr(), key
+    assert_states_equal(aggregate_plain(old, [], [], []), old)
+    with pytest.raises(ValueError, match="client states"):
+        aggregate_plain(old, clients, holdings[:1], labels)
+
+
+# ---------------------------------------------------------------- any index sets (not prefixes)
+
+SMALL = {"conv": {"hidden": (4, 8, 8, 16)}, "resnet18": {"hidden": (4, 4, 8, 8)},
+         "transformer": {"vocab_size": 12, "embed": 16, "heads": 2, "hidden": 16, "layers": 1, "bptt": 8}}
+SMALL_LEVELS = {"conv": "abcde", "resnet18": "abcde", "transformer": "abcd"}  # 2 heads: d keeps 1 per head
+
+
+def random_holdings(slicer, rate: float, generator: torch.Generator) -> dict[str, Holding]:
+    """As many channels as the static slice of ``rate`` holds on every scaled axis (per head for
+    ``Heads``), but a random set of them in a random order."""
+    out = {}
+    for key, static in slicer.holdings(rate).items():
+        global_shape = slicer.holdings(slicer.global_rate)[key].shape
+        index = []
+        for rule, size, n in zip(static.static.rules, global_shape, static.shape):
+            if isinstance(rule, Heads):
+                per_head = size // rule.count
+                index.append(torch.cat([h * per_head + torch.randperm(per_head, generator=generator)[:n // rule.count]
+                                        for h in range(rule.count)]))
+            elif rule == PREFIX:
+                index.append(torch.randperm(size, generator=generator)[:n])
+            else:
+                index.append(torch.arange(size))
+        out[key] = Holding(tuple(index), static.by_label)
+    return out
+
+
+def per_entry_mean(old: dict, client_states, holdings, label_sets) -> dict:
+    """Obviously correct, slow: every client entry is added to the global entry it sits on and
+    counted there (label rows only for the client's labels); counted entries become sum / count."""
+    new = {}
+    for key, before in old.items():
+        sums, counts = {}, {}
+        for state, held, labels in zip(client_states, holdings, label_sets):
+            for position in itertools.product(*map(range, state[key].shape)):
+                if held[key].by_label and position[0] not in labels.tolist():
+                    continue
+                entry = tuple(int(held[key].index[axis][j]) for axis, j in enumerate(position))
+                sums[entry] = sums.get(entry, 0.0) + float(state[key][position])
+                counts[entry] = counts.get(entry, 0) + 1
+        new[key] = before.clone()
+        for entry, total in sums.items():
+            new[key][entry] = total / counts[entry]
+    return new
+
+
+@settings(max_examples=12, deadline=None)
+@given(family=st.sampled_from(FAMILIES), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_any_index_sets_match_a_per_entry_loop(family, seed, data):
+    """Clients of random levels, each holding either its static slice or random channel sets:
+    the index-set entry (fast path when all are static, else the plain rule) == the per-entry loop
+    (float64: the same sums in the same order, so bit for bit)."""
+    levels = data.draw(st.lists(st.sampled_from(SMALL_LEVELS[family]), min_size=1, max_size=5))
+    random_sets = data.draw(st.lists(st.booleans(), min_size=len(levels), max_size=len(levels)))
+    rates, gen = [LEVELS[level] for level in levels], torch.Generator().manual_seed(seed)
+    slicer = slicer_for(family, **SMALL[family])
+    old = random_state_like(shapes_at(family, 1.0, **SMALL[family]), gen, torch.float64)
+    clients = [random_state_like(shapes_at(family, r, **SMALL[family]), gen, torch.float64) for r in rates]
+    labels = [random_labels(num_classes(family, vocab_size=12), gen) for _ in rates]
+    holdings = [random_holdings(slicer, r, gen) if drawn else slicer.holdings(r) for r, drawn in zip(rates, random_sets)]
+    got = aggregate_holdings(old, clients, holdings, labels)
+    assert_states_equal(got, per_entry_mean(old, clients, holdings, labels))
+    if not any(random_sets):
+        assert_states_equal(aggregate(slicer, old, clients, rates, labels), got)
+
+
+def test_random_channel_sets_by_hand():
+    """Two clients of a (4, 3) tensor: one holds rows {2, 0} x columns {1}, the other rows {0, 3} x
+    columns {1, 2}: entry (0, 1) is their mean, each other held entry its one holder's value."""
+    old = {"w": torch.zeros(4, 3)}
+    a, b = torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0, 4.0], [5.0, 6.0]])
+    holdings = [{"w": Holding((torch.tensor([2, 0]), torch.tensor([1])))},
+                {"w": Holding((torch.tensor([0, 3]), torch.tensor([1, 2])))}]
+    got = aggregate_holdings(old, [{"w": a}, {"w": b}], holdings, [torch.tensor([])] * 2)["w"]
+    assert torch.equal(got, torch.tensor([[0.0, 2.5, 4.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 5.0, 6.0]]))
+
+
+def boxes_that_do_not_nest():
+    """A (4, 4) tensor; one client holds the (4, 2) prefix box, the other the (2, 4) one."""
+    old = {"w": torch.randn(4, 4, generator=torch.Generator().manual_seed(22))}
+    holdings = [{"w": Holding.of(TensorSlice((PREFIX, PREFIX), torch.Size(shape)), (4, 4))} for shape in ((4, 2), (2, 4))]
+    clients = [{"w": torch.randn(shape, generator=torch.Generator().manual_seed(23))} for shape in ((4, 2), (2, 4))]
+    return old, clients, holdings, [torch.tensor([])] * 2
+
+
+def test_the_fast_path_refuses_what_it_cannot_do_and_the_entry_falls_back():
+    old, clients, holdings, labels = boxes_that_do_not_nest()
+    with pytest.raises(ValueError, match="do not nest"):
+        aggregate_fast(old, clients, holdings, labels)
+    expected = per_entry_mean(old, clients, holdings, labels)
+    assert_states_close(aggregate_holdings(old, clients, holdings, labels), expected)
+    old, clients, labels = random_round("conv", 1.0, [0.5], seed=24, **SMALL["conv"])
+    gen = torch.Generator().manual_seed(24)
+    with pytest.raises(ValueError, match="not a static slice"):
+        aggregate_fast(old, clients, [random_holdings(slicer_for("conv", **SMALL["conv"]), 0.5, gen)], labels)
+
+
+def test_the_index_set_entry_takes_the_fast_path_exactly_when_it_applies(monkeypatch):
+    called = []
+    for name in ("aggregate_plain", "aggregate_fast"):
+        real = getattr(aggregation, name)
+        monkeypatch.setattr(aggregation, name, lambda *args, real=real, name=name: called.append(name) or real(*args))
+    slicer, gen = slicer_for("conv", **SMALL["conv"]), torch.Generator().manual_seed(25)
+    old, clients, labels = random_round("conv", 1.0, [1.0, 0.25], seed=25, **SMALL["conv"])
+    aggregation.aggregate_holdings(old, clients, [slicer.holdings(1.0), slicer.holdings(0.25)], labels)
+    aggregation.aggregate_holdings(old, clients, [slicer.holdings(1.0), random_holdings(slicer, 0.25, gen)], labels)
+    aggregation.aggregate_holdings(*boxes_that_do_not_nest())
+    assert called == ["aggregate_fast", "aggregate_plain", "aggregate_plain"]
+

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from heterofl_core import cohort, federated
-from heterofl_core.cohort import COHORT_MAX_RATE, grouped_model, train_cohort, use_cohort
+from heterofl_core.cohort import CohortRule, grouped_model, train_cohort
 from heterofl_core.config import parse_control
 from heterofl_core.data import ImageData
 from heterofl_core.federated import Federation
@@ -62,6 +62,27 @@ def test_cohort_equals_one_by_one(family, level):
             assert not torch.equal(mine[key], start[key]) or key.endswith("bias"), key
 
 
+OPTIMISER_OPTIONS = [dict(momentum=0.0, weight_decay=0.0, clip_norm=1e9), dict(momentum=0.9, weight_decay=0.0, clip_norm=1e9),
+                     dict(momentum=0.0, weight_decay=5e-3, clip_norm=1e9), dict(momentum=0.5, weight_decay=5e-4, clip_norm=0.1),
+                     dict(momentum=0.9, weight_decay=5e-4, clip_norm=1.0, mask_fill="-inf")]
+
+
+@pytest.mark.parametrize("options", OPTIMISER_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_cohort_equals_one_by_one_for_every_optimiser_option(options):
+    """Momentum on/off, weight decay on/off, clipping that bites or never does, either mask fill:
+    the cohort's step is training.local_step, so every option reaches it."""
+    cfg = parse_control("1_100_0.1_iid_fix_a1-e1_bn_1_1", "MNIST", lr=0.3, local_epochs=1, **options)
+    torch.manual_seed(0)
+    model = fast_layout(builder("conv", **TINY["conv"])(0.25))
+    start = {k: v.clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
+    batches, masks = client_data("conv", clients=3, steps=3, seed=4)
+    expected = one_by_one(model, start, batches, masks, cfg)
+    got, _ = train_cohort(grouped_model(model), start, batches, masks, cfg, cfg.lr)
+    for mine, theirs in zip(got, expected):
+        for key in theirs:
+            torch.testing.assert_close(mine[key], theirs[key], **TOL, msg=lambda m: f"{key}: {m}")
+
+
 @pytest.mark.parametrize("norm", ["in", "gn", "ln", "none"])
 def test_cohort_equals_one_by_one_other_norms_without_mask(norm):
     cfg = parse_control(f"1_100_0.1_iid_fix_a1-e1_{norm}_1_0", "MNIST", local_epochs=1)
@@ -87,11 +108,19 @@ def test_transformer_has_no_grouped_form():
     assert grouped_model(builder("transformer", **TINY["transformer"])(0.5)) is None
 
 
-def test_rule_is_fixed_per_device_and_width():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not use_cohort(cpu, 0.0625, 1), "one client is never a cohort"
-    assert [use_cohort(cpu, rate, 5) for rate in LEVELS.values()] == [r <= COHORT_MAX_RATE["cpu"] for r in LEVELS.values()]
-    assert all(use_cohort(cuda, rate, 2) for rate in LEVELS.values())
+def test_rule_is_data_per_kind_of_device():
+    cpu, cuda = CohortRule.measured(torch.device("cpu")), CohortRule.measured(torch.device("cuda"))
+    assert not cpu.together(0.0625, 1), "one client is never a cohort"
+    assert [cpu.together(rate, 5) for rate in LEVELS.values()] == [r <= cpu.max_rate for r in LEVELS.values()]
+    assert 0 < cpu.max_rate < 1 and cpu.source, "the shipped CPU rule says where its number comes from"
+    assert all(cuda.together(rate, 2) for rate in LEVELS.values())
+    assert CohortRule.measured(torch.device("meta")).max_rate == 0, "unmeasured devices train one by one"
+
+
+def test_rule_from_measured_speedups_stops_at_the_first_width_that_does_not_pay():
+    speedups = {0.0625: 3.1, 0.125: 2.5, 0.25: 1.4, 0.5: 0.97, 1.0: 1.2}
+    assert CohortRule.from_speedups(speedups, "test").max_rate == 0.25
+    assert CohortRule.from_speedups({0.0625: 0.9}, "test").max_rate == 0
 
 
 def synthetic_mnist(n_train: int = 400, n_test: int = 100) -> ImageData:
@@ -106,8 +135,8 @@ def test_round_with_cohorts_equals_round_one_by_one(monkeypatch):
     cfg = parse_control("1_20_0.5_non-iid-2_fix_d1-e1_bn_1_1", "MNIST", local_epochs=2)
     outcomes = []
     for max_rate in (0.0, 1.0):
-        monkeypatch.setitem(COHORT_MAX_RATE, "cpu", max_rate)
-        federation = Federation.assemble(cfg, synthetic_mnist(), torch.device("cpu"), eval_batch_size=100)
+        federation = Federation.assemble(cfg, synthetic_mnist(), torch.device("cpu"), eval_batch_size=100,
+                                         cohort_rule=CohortRule(max_rate))
         outcomes.append(federation.run_round(federation.initial_state(), 1))
     (state_a, metrics_a), (state_b, metrics_b) = outcomes
     for key in state_a:
@@ -121,6 +150,7 @@ def test_cohort_path_is_taken_in_a_round(monkeypatch):
     real = cohort.train_cohort
     monkeypatch.setattr(federated, "train_cohort", lambda *args, **kw: calls.append(len(args[2])) or real(*args, **kw))
     cfg = parse_control("1_20_0.5_iid_fix_d1-e1_bn_1_1", "MNIST", local_epochs=1)
-    federation = Federation.assemble(cfg, synthetic_mnist(), torch.device("cpu"), eval_batch_size=100)
+    federation = Federation.assemble(cfg, synthetic_mnist(), torch.device("cpu"), eval_batch_size=100,
+                                     cohort_rule=CohortRule(0.125))
     federation.run_round(federation.initial_state(), 1)
-    assert sum(calls) == cfg.active_users, "both widths (d, e) train as cohorts on the CPU"
+    assert sum(calls) == cfg.active_users, "both widths (d, e) train as cohorts under a rule up to d"

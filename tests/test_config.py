@@ -72,10 +72,12 @@ def test_to_dict_from_dict_round_trip_with_every_field_changed():
     cfg = ExperimentConfig(dataset="CIFAR10", model="resnet18", num_users=10, frac=0.5, data_split="non-iid-3",
                            model_split="dynamic", model_mode=(("b", 3), ("e", 1)), norm="gn", scale=False,
                            mask=False, lr=0.05, rounds=7, milestones=(2, 5), resnet_blocks=(2, 2, 2, 2),
-                           mask_fill="-inf", seed=42, dropout=0.1)
+                           mask_fill="-inf", seed=42, momentum=0.5, sbn_samples=100)
     values = json.loads(json.dumps(cfg.to_dict()))
     assert values["control"] == "1_10_0.5_non-iid-3_dynamic_b3-e1_gn_0_0"
     assert ExperimentConfig.from_dict(values) == cfg
+    text = parse_control("1_10_0.5_iid_fix_a1-e1_bn_1_1", "WikiText2", dropout=0.1, bptt=32, num_heads=4)
+    assert ExperimentConfig.from_dict(json.loads(json.dumps(text.to_dict()))) == text
     with pytest.raises(ConfigError, match="unknown config fields"):
         ExperimentConfig.from_dict({**values, "learning_rate": 1})
 

@@ -483,12 +483,115 @@ def test_wikitext2_download_offline_and_bad_checksum(tmp_path, monkeypatch):
         load_dataset("WikiText2", tmp_path, download=True)
 
 
-def test_resolve_data_root(monkeypatch, tmp_path):
+# ---------------------------------------------------------------- the data root: one rule for every command
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch) -> Path:
+    """A fake checkout <tmp>/work/main (pyproject.toml beside the package) that resolve_data_root sees
+    as its own; no $HETEROFL_DATA; the working directory elsewhere."""
+    root = tmp_path / "work" / "main"
+    root.mkdir(parents=True)
+    (root / "pyproject.toml").write_text("[project]\nname = 'heterofl'\n")
+    monkeypatch.setattr(data_module, "repo_root", lambda: root)
     monkeypatch.delenv("HETEROFL_DATA", raising=False)
-    assert resolve_data_root(None) == Path("data")
-    monkeypatch.setenv("HETEROFL_DATA", str(tmp_path))
-    assert resolve_data_root(None) == tmp_path
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    return root
+
+
+def test_resolve_data_root_order(checkout, tmp_path, monkeypatch):
+    shared = checkout.parent / "shared" / "data"
+    assert resolve_data_root() == resolve_data_root(None) == resolve_data_root("") == checkout / "data"
+    shared.mkdir(parents=True)
+    assert resolve_data_root() == shared, "the shared copy beside the checkout beats <checkout>/data"
+    monkeypatch.setenv("HETEROFL_DATA", "")
+    assert resolve_data_root() == shared, "an empty $HETEROFL_DATA counts as unset"
+    monkeypatch.setenv("HETEROFL_DATA", str(tmp_path / "env"))
+    assert resolve_data_root() == tmp_path / "env", "$HETEROFL_DATA beats the shared copy"
+    assert resolve_data_root(tmp_path / "arg") == resolve_data_root(str(tmp_path / "arg")) == tmp_path / "arg", \
+        "the argument beats $HETEROFL_DATA"
     assert resolve_data_root("~/x") == Path.home() / "x"
+    assert resolve_data_root("rel") == tmp_path / "elsewhere" / "rel", "a relative argument is taken as typed"
+    assert resolve_data_root("rel").is_absolute()
+
+
+def test_resolve_data_root_outside_a_checkout(checkout, monkeypatch):
+    (checkout / "pyproject.toml").unlink()  # the package as installed into site-packages
+    (checkout.parent / "shared" / "data").mkdir(parents=True)
+    assert resolve_data_root() == Path.home() / ".cache" / "heterofl" / "data"
+    monkeypatch.setenv("HETEROFL_DATA", "/some/where")
+    assert resolve_data_root() == Path("/some/where")
+
+
+def test_resolve_data_root_ignores_the_working_directory(tmp_path, monkeypatch):
+    """The real checkout: the same answer from the repository root, notebooks/ and an unrelated folder."""
+    monkeypatch.delenv("HETEROFL_DATA", raising=False)
+    checkout = data_module.repo_root()
+    assert (checkout / "pyproject.toml").is_file() and (checkout / "heterofl_core" / "data.py").is_file()
+    answers = []
+    for folder in (checkout, checkout / "notebooks", tmp_path):
+        (tmp_path / "data").mkdir(exist_ok=True)  # a ./data in the working directory must not be picked
+        monkeypatch.chdir(folder)
+        answers.append(resolve_data_root())
+    shared = checkout.parent / "shared" / "data"
+    assert answers == [shared if shared.is_dir() else checkout / "data"] * 3
+
+
+def test_run_reproduce_and_notebooks_share_the_data_root(checkout, tmp_path, monkeypatch, capsys):
+    """`heterofl run`, `heterofl reproduce` and a notebook's parameters all go through resolve_data_root."""
+    from heterofl_core import experiments as ex
+    from heterofl_core import reproduce as rp
+    from heterofl_core.cli import main
+
+    shared = checkout.parent / "shared" / "data"
+    (shared / "SOTU").mkdir(parents=True)
+    (shared / "SOTU" / "train.tokens").write_text("a b\n")
+    resolved = []
+    real = data_module.resolve_data_root
+
+    def spy(data_root=None):
+        resolved.append(real(data_root))
+        return resolved[-1]
+
+    monkeypatch.setattr(data_module, "resolve_data_root", spy)
+    monkeypatch.setattr(rp, "resolve_data_root", spy)
+    monkeypatch.setattr(ex, "resolve_data_root", spy)
+
+    loaded = []
+
+    def no_mnist(root, download):
+        loaded.append(root)
+        raise DataError("stop here: no training in this test")
+
+    monkeypatch.setattr(data_module, "_load_mnist", no_mnist)
+    assert main(["run", "--data", "MNIST", "--control", "1_10_0.5_iid_fix_d1-e1_bn_1_1", "--rounds", "1",
+                 "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet"]) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert loaded == resolved == [shared], "heterofl run reads the data root from resolve_data_root"
+
+    executed = []
+    monkeypatch.setattr(rp, "execute", lambda notebook, params, out_dir, log_output=False:
+                        executed.append(params) or out_dir / f"{notebook}.ipynb")
+    resolved.clear()
+    assert main(["reproduce", "--profile", "smoke", "--only", "03", "--out", str(tmp_path / "out")]) == 0
+    assert resolved == [shared] and executed[0]["data_root"] == str(shared), \
+        "heterofl reproduce hands the notebooks resolve_data_root's answer"
+
+    resolved.clear()
+    assert ex.notebook_paths(None, None, None)[0] == shared  # a notebook run by hand, from any folder
+    assert ex.text_corpus()[0] == "SOTU"
+    assert resolved == [shared, shared]
+
+
+def test_data_root_help_texts_say_the_one_rule():
+    from heterofl_core.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name in ("run", "reproduce", "bench"):
+        (option,) = [a for a in commands[name]._actions if "--data-root" in a.option_strings]
+        assert data_module.DATA_ROOT_RULE in option.help, name
+    assert "resolve_data_root" in data_module.DATA_ROOT_RULE
 
 
 # ---------------------------------------------------------------- the real offline data (skipped when absent)

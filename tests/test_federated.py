@@ -3,6 +3,7 @@ determinism, resume, refusals, the level assignment, text, eval_every and centra
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 from collections import defaultdict
@@ -11,8 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from heterofl_core import federated
+from heterofl_core.cohort import CohortRule
 from heterofl_core.config import LEVEL_RATES, ExperimentConfig, assign_fixed_levels, parse_control
 from heterofl_core.data import load_dataset
 from heterofl_core.federated import Federation, round_generator, run_experiment
@@ -208,26 +211,35 @@ def test_resume_without_a_checkpoint_starts_afresh(tmp_path, mnist):
 
 
 def record_assignments(monkeypatch, cfg: ExperimentConfig, data, rounds: int) -> list[list[tuple[int, float]]]:
-    """Run rounds through a Federation and record, per round, (user, rate) of every client trained."""
+    """Run rounds through a Federation and record, per round, (user, rate) of every client trained:
+    the users whose batches were drawn, and the rates aggregation received in the plan's order."""
     fed = Federation.assemble(cfg, data, torch.device("cpu"))
-    users, per_round = [], []
-    client_batches = fed.workload.client_batches
+    trained, plans, per_round = [], [], []
+    client_batches, plan_round = fed.workload.client_batches, fed.plan_round
 
     def recording_batches(user, generator):
-        users.append(user)
+        trained.append(user)
         return client_batches(user, generator)
 
+    def recording_plan(round_, generator):
+        plans.append(plan_round(round_, generator))
+        return plans[-1]
+
     def recording_aggregate(slicer, state, client_states, rates, labels):
-        per_round.append(list(zip(users[-len(rates):], rates)))
+        plan = plans[-1]
+        assert sorted(trained[-len(rates):]) == sorted(plan.users), "the planned users trained"
+        assert list(rates) == plan.rates
+        per_round.append(list(zip(plan.users, rates)))
         return aggregate(slicer, state, client_states, rates, labels)
 
     aggregate = federated.aggregate
     monkeypatch.setattr(fed.workload, "client_batches", recording_batches)
+    monkeypatch.setattr(fed, "plan_round", recording_plan)
     monkeypatch.setattr(federated, "aggregate", recording_aggregate)
     state = fed.initial_state()
     for round_ in range(1, rounds + 1):
         state, _ = fed.run_round(state, round_)
-    assert len(users) == sum(len(r) for r in per_round)
+    assert len(trained) == sum(len(r) for r in per_round)
     return per_round
 
 
@@ -352,3 +364,79 @@ def test_centralised_run(mnist):
     assert last["local_accuracy"] == last["global_accuracy"]
     assert last["local_loss"] == pytest.approx(last["global_loss"], rel=1e-5)
     assert last["train_loss"] < math.log(10) * 1.5
+
+
+# ---------------------------------------------------------------- a client's round is a pure function
+
+
+def capture_round(monkeypatch, federation: Federation, state, round_: int) -> tuple[list[int], list[float], list[dict]]:
+    """The users, rates and trained client states of one round, as aggregation receives them."""
+    seen = {}
+    real = federated.aggregate
+
+    def recording(slicer, global_state, client_states, rates, label_sets):
+        seen.update(states=client_states, rates=list(rates))
+        return real(slicer, global_state, client_states, rates, label_sets)
+
+    monkeypatch.setattr(federated, "aggregate", recording)
+    plan = federation.plan_round(round_, federated.round_generator(federation.cfg.seed, round_, federation.device))
+    federation.run_round(state, round_)
+    monkeypatch.setattr(federated, "aggregate", real)
+    return plan.users, seen["rates"], seen["states"]
+
+
+@pytest.mark.parametrize("dataset", ["MNIST", "TINY"])
+def test_a_client_trained_alone_equals_the_same_client_inside_a_full_round(monkeypatch, data_root, dataset):
+    """Trained alone, in another Federation (another 'process'), in reverse order, after other work:
+    the same tensors bit for bit, because a client draws only from its own generator."""
+    cfg = config("1_10_0.5_iid_fix_d1-e1_bn_1_1", dataset, eval_every=100)
+    data = load_dataset(dataset, data_root, download=False)
+    inside = Federation.assemble(cfg, data, torch.device("cpu"), cohort_rule=CohortRule(0.0))
+    state = inside.initial_state()
+    users, rates, states = capture_round(monkeypatch, inside, state, round_=3)
+    alone = Federation.assemble(cfg, data, torch.device("cpu"), cohort_rule=CohortRule(0.0))
+    torch.rand(5)  # the global generator moves between rounds: it must not matter
+    for user, rate, expected in reversed(list(zip(users, rates, states))):
+        got, _ = alone.local_update(alone.slicer.split(state, rate), user, rate, 3)
+        assert set(got) == set(expected)
+        assert all(torch.equal(got[key], expected[key]) for key in expected), f"user {user}"
+
+
+def test_a_client_in_a_cohort_equals_the_client_alone(monkeypatch, mnist):
+    cfg = config("1_10_0.5_iid_fix_d1-e1_bn_1_1", eval_every=100)
+    cohorts = Federation.assemble(cfg, mnist, torch.device("cpu"), cohort_rule=CohortRule(1.0))
+    state = cohorts.initial_state()
+    users, rates, states = capture_round(monkeypatch, cohorts, state, round_=2)
+    assert len(set(rates)) < len(rates), "some width has several clients: a cohort trained"
+    for user, rate, expected in zip(users, rates, states):
+        got, _ = cohorts.local_update(cohorts.slicer.split(state, rate), user, rate, 2)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def module_forwards() -> dict[type, object]:
+    """Every nn.Module subclass loaded in the process and its own ``forward``."""
+    found, todo = {}, [nn.Module]
+    while todo:
+        cls = todo.pop()
+        found[cls] = cls.__dict__.get("forward")
+        todo.extend(sub for sub in cls.__subclasses__() if sub not in found)
+    return found
+
+
+@pytest.mark.parametrize("dataset", ["MNIST", "TINY"])
+def test_run_experiment_leaves_the_process_as_it_was(monkeypatch, data_root, dataset):
+    """torch's global RNG (CPU), its thread count, every module class's forward, and the C
+    allocator (no libc calls: ctypes.CDLL is made to fail) are as before the run."""
+    def no_libc(*args, **kwargs):
+        raise AssertionError("a library call tuned the C allocator")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    torch.manual_seed(1234)
+    rng, threads, forwards = torch.get_rng_state(), torch.get_num_threads(), module_forwards()
+    run_experiment(config("1_10_0.5_iid_fix_d1-e1_bn_1_1", dataset, rounds=1), data_root=data_root,
+                   device="cpu", quiet=True)
+    assert torch.equal(torch.get_rng_state(), rng), "the global RNG state changed"
+    assert torch.get_num_threads() == threads
+    after = module_forwards()
+    assert all(after[cls] is forward for cls, forward in forwards.items()), "a module's forward was replaced"

@@ -51,11 +51,53 @@ def test_forward_backward_every_level(family, level):
         assert model(x).shape == output_shape(family)
 
 
+NORM_LAYERS = {"conv": 4, "resnet18": 11}  # conv: one per block; resnet18 (1,1,1,2): two per block + the last
+NORM_GROUPS = {"in": lambda c: c, "ln": lambda c: 1, "gn": lambda c: 4}  # GroupNorm groups for c channels
+
+
 @pytest.mark.parametrize("family", ["conv", "resnet18"])
 @pytest.mark.parametrize("norm", NORMS)
 def test_every_norm_runs_at_e(family, norm):
+    """At level e (1/16 width): the norm layers are the named kind with the right groups and the
+    affine init, a train-mode forward really normalises (bn per channel over the batch; in, ln, gn
+    per sample and group), the logits have their shape and every parameter gets a finite gradient."""
+    torch.manual_seed(0)
     model = builder(family, norm=norm)(0.0625)
-    model(sample_input(family)).sum().backward()
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm))]
+    if norm == "none":
+        assert norms == []
+    else:
+        assert len(norms) == NORM_LAYERS[family]
+    for layer in norms:
+        if norm == "bn":
+            assert type(layer) is nn.BatchNorm2d and not layer.track_running_stats, "client bn: batch statistics"
+            channels = layer.num_features
+        else:
+            assert type(layer) is nn.GroupNorm
+            channels = layer.num_channels
+            assert layer.num_groups == NORM_GROUPS[norm](channels), (norm, layer)
+        assert channels in (4, 8, 16, 32), "1/16 of the widths 64, 128, 256, 512"
+        assert torch.equal(layer.weight, torch.ones(channels)) and torch.equal(layer.bias, torch.zeros(channels))
+
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, i, out: outputs.append((m, out.detach().clone()))) for layer in norms]
+    logits = model(sample_input(family, n=4))
+    for hook in hooks:
+        hook.remove()
+    assert logits.shape == output_shape(family, n=4) and torch.isfinite(logits).all()
+    assert len(outputs) == len(norms)
+    for layer, out in outputs:
+        n, c = out.shape[:2]
+        if norm == "bn":  # (C, N*H*W): per channel over batch and space
+            groups = out.transpose(0, 1).reshape(c, -1)
+        else:  # (N*G, C/G*H*W): per sample and group
+            groups = out.reshape(n * layer.num_groups, -1)
+        torch.testing.assert_close(groups.mean(1), torch.zeros(len(groups)), atol=1e-4, rtol=0)
+        torch.testing.assert_close(groups.var(1, unbiased=False), torch.ones(len(groups)), atol=2e-2, rtol=0)
+
+    cross_entropy(logits, torch.arange(4)).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
 
 
 def test_conv_spatial_sizes():

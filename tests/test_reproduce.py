@@ -20,9 +20,10 @@ import pytest
 from heterofl_core import reproduce as rp
 from heterofl_core.cli import main
 from heterofl_core.config import parse_control
-from heterofl_core.experiments import Scale, find_data_root, repo_root, text_corpus
+from heterofl_core.data import repo_root, resolve_data_root
+from heterofl_core.experiments import Scale, text_corpus
 
-DATA = find_data_root()
+DATA = resolve_data_root()
 NOTEBOOK_DIR = repo_root() / "notebooks"
 needs_data = pytest.mark.skipif(not (DATA / "MNIST").is_dir() or not (DATA / "SOTU").is_dir(),
                                 reason=f"no offline data at {DATA}: set HETEROFL_DATA or put ../shared/data beside "

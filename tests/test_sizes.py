@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from heterofl_core.config import LEVEL_RATES
+from heterofl_core.config import LEVEL_RATES, parse_model_mode
 from heterofl_core.models import build_model
 from heterofl_core.sizes import (
     ModelSize,
@@ -17,7 +17,6 @@ from heterofl_core.sizes import (
     human,
     level_size,
     mixture_sizes,
-    normalise_mode,
 )
 
 LEVELS = tuple(LEVEL_RATES)
@@ -157,7 +156,7 @@ def test_mixture_is_the_weighted_mean() -> None:
 
 def test_mode_spellings_agree_and_global_is_the_first_level() -> None:
     assert mixture_sizes("conv", "a-b-c") == mixture_sizes("conv", "a1-b1-c1")
-    assert normalise_mode("a2-b") == (("a", 2), ("b", 1))
+    assert parse_model_mode("a2-b", shorthand=True) == (("a", 2), ("b", 1))
     rows = mixture_sizes("conv", "b-e")  # global model b: the mixture's ratio is against b
     assert rows[-1].ratio == pytest.approx((rows[0].params + rows[1].params) / 2 / rows[0].params)
     assert [r.model_mode for r in rows] == ["b", "e", "b-e"]

@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from heterofl_core.models import build_model
 from heterofl_core.slicing import FULL, LABELS, PREFIX, Heads, Slicer
+from reference import axis_indices, grid
 from reference import (FAMILIES, HEADS, LEVELS, RATES, builder, reference_local_size, reference_rules,
                        reference_split, shapes_at, slicer_for)
 from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+from reference import NUM_HEADS, SMALL_VOCAB, reference_transformer_forward
 
 NORMS = ("bn", "in", "ln", "gn", "none")
 
@@ -144,13 +146,53 @@ def test_split_loads_strict_resnet_2222(global_level):
             assert torch.equal(sub[key], expected[key]), key
 
 
+HEAD_AXIS = {"q.weight": 0, "k.weight": 0, "v.weight": 0, "q.bias": 0, "k.bias": 0, "v.bias": 0, "o.weight": 1}
+
+
+def first_of_each_head(tensor: torch.Tensor, axis: int, keep: int) -> torch.Tensor:
+    """Axis ``axis`` (E entries) viewed as (8 heads, E/8): the first ``keep`` of each head, flattened back."""
+    return tensor.unflatten(axis, (NUM_HEADS, -1)).narrow(axis + 1, 0, keep).flatten(axis, axis + 1)
+
+
 @pytest.mark.parametrize("global_level", ["a", "b"])
 def test_split_loads_strict_transformer(global_level):
+    """Every parameter of a split transformer is its global tensor cut by view: q/k/v rows and o's
+    columns keep the first E_local/8 entries of each of the 8 heads, every other axis a prefix (whole
+    for the vocabulary and positions); the index-grid reference agrees; and the loaded sub-model
+    (eval) computes the spec's forward on those tensors, finite, (N, S, vocab)."""
     g = LEVELS[global_level]
-    state = global_state("transformer", global_rate=g)
+    gen = torch.Generator().manual_seed(0)
+    # Random entries: at init the layers are copies of one another and the norms are all ones.
+    state = {k: torch.randn(v.shape, generator=gen) * 0.2
+             for k, v in global_state("transformer", global_rate=g).items()}
     slicer = slicer_for("transformer", g)
+    build = builder("transformer", global_rate=g)
+    tokens = torch.randint(0, SMALL_VOCAB, (2, 64), generator=gen)
     for rate in [r for r in RATES if r <= g]:
-        builder("transformer", global_rate=g)(rate).load_state_dict(slicer.split(state, rate), strict=True)
+        sub = slicer.split(state, rate)
+        model = build(rate)
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        e = shapes["token_embedding.weight"][1]
+        assert e == 256 * rate and shapes["token_embedding.weight"][0] == SMALL_VOCAB + 1
+        expected = {}
+        for key, tensor in state.items():
+            axis = HEAD_AXIS.get(key.split(".attention.")[-1]) if ".attention." in key else None
+            cut = first_of_each_head(tensor, axis, e // NUM_HEADS) if axis is not None else tensor
+            expected[key] = cut[tuple(slice(0, n) for n in shapes[key])]
+            assert expected[key].shape == shapes[key], key
+            assert torch.equal(sub[key], expected[key]), key
+        if rate < g:  # per head is not a plain prefix: the test tells them apart
+            q = state["layers.0.attention.q.weight"]
+            assert not torch.equal(expected["layers.0.attention.q.weight"], q[:e, :e])
+        reference = reference_split("transformer", state, rate / g)
+        assert all(torch.equal(sub[key], reference[key]) for key in reference)
+
+        model.load_state_dict(sub, strict=True)
+        model.eval()
+        with torch.no_grad():
+            logits = model(tokens)
+        assert logits.shape == (2, 64, SMALL_VOCAB) and torch.isfinite(logits).all()
+        torch.testing.assert_close(logits, reference_transformer_forward(expected, tokens, 1.0), rtol=1e-4, atol=1e-4)
 
 
 def test_split_real_vocabulary():
@@ -209,3 +251,26 @@ def test_split_random_states_match_reference(family, global_level, seed, data):
     expected = reference_split(family, state, LEVELS[level] / g)
     for key in expected:
         assert torch.equal(out[key], expected[key]), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("global_level", ["a", "b"])
+def test_holdings_are_the_reference_indices(family, global_level):
+    """``Slicer.holdings``: per axis, the hand-built reference's global indices; gathering the global
+    tensor through them is the split; label rows are flagged; the static slice rides along; cached."""
+    g = LEVELS[global_level]
+    slicer = slicer_for(family, g)
+    state = global_state(family, global_rate=g, seed=4)
+    for rate in [r for r in RATES if r <= g]:
+        holdings, slices, split = slicer.holdings(rate), slicer.slices(rate), slicer.split(state, rate)
+        assert set(holdings) == set(state)
+        for key, held in holdings.items():
+            rules = reference_rules(family, key, state[key].dim())
+            expected = [axis_indices(rule, size, reference_local_size(rule, size, rate / g))
+                        for rule, size in zip(rules, state[key].shape)]
+            assert len(held.index) == len(expected) and all(map(torch.equal, held.index, expected)), key
+            assert held.shape == tuple(split[key].shape), key
+            assert held.by_label == (rules[0] == "labels"), key
+            assert held.static == slices[key], key
+            assert torch.equal(state[key][grid(held.index)], split[key]), key
+            assert slicer.holdings(rate)[key] is held, key
