@@ -1,4 +1,4 @@
-"""The ``heterofl`` command line: sizes, control, run, reproduce, bench.
+"""The ``heterofl`` command line: sizes, control, run, reproduce, bench, data.
 
 Bad input (a control string, a config value, missing or corrupt data, a run
 folder that cannot be resumed) ends with a one-line message on stderr and exit
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_command as add_bench
     add_bench(commands)
+
+    from .data_cli import add_command as add_data
+    add_data(commands)
 
     return parser
 

@@ -12,31 +12,40 @@ Where data is looked for (`root` = `resolve_data_root(...)`, whose docstring say
                root/CIFAR10/{train,test}/<class>/*.jpg|jpeg|png                 (image folder)
                root/CIFAR10/*.tar.gz  or  root/archives/cifar10-jpeg.tar.gz      (archive of that folder)
     text       root/<name>/{wiki.,}{train,valid,test}.tokens  (WikiText2 also: root/wikitext-2/)
+               root/<name>/{train,validation,test}-*.parquet    (a 'text' column, one row per line: Hugging Face)
+               root/WikiText2/wikitext-2-v1.zip                 (the original archive, read as it is)
+
+`fetch_dataset` downloads MNIST, CIFAR10 and WikiText2 into one of these layouts (checksummed,
+staged in a hidden folder and moved in only when complete); `dataset_status` says, without
+decoding anything, which datasets are where (the ``heterofl data`` command, data_cli.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import io
 import os
 import pickle
+import shutil
 import tarfile
 import tempfile
 import urllib.request
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch import Tensor
+from tqdm.auto import tqdm
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -47,10 +56,31 @@ CROP_PADDING = 4  # CIFAR10 training augmentation: random crop 32 with padding 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EOS = "<eos>"
 UNK = "<unk>"
-WIKITEXT2_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
-WIKITEXT2_MD5 = "542ccefacc6c27f945fb54453812b3cd"  # torchtext's checksum of that archive
 SPLITS = ("train", "valid", "test")
 ROOT_HINT = "Point --data-root (or the HETEROFL_DATA environment variable) at a folder with that layout."
+
+# WikiText-2 (Merity et al., "Pointer Sentinel Mixture Models", 2016), word level, as released in
+# wikitext-2-v1.zip. Its original address (s3.amazonaws.com/research.metamind.io) refuses downloads
+# since 2024 (pytorch/text#2247, #2255); the same data is published today in these layouts, which
+# fetch tries in this order. Hugging Face: the Salesforce/wikitext dataset, config wikitext-2-v1,
+# one parquet file per split, pinned to the commit that wrote them ("Convert dataset to Parquet
+# (#8)"), so the checksums below stay true whatever happens on main later.
+WIKITEXT2_HF_URL = ("https://huggingface.co/datasets/Salesforce/wikitext/resolve/"
+                    "b08601e04326c79dfdd32d625aee71d232d685c3/wikitext-2-v1/{}")
+WIKITEXT2_PARQUET_SHA256 = {  # SHA-256 as the Hub publishes them ("Git LFS Details" of each file's page)
+    # huggingface.co/datasets/Salesforce/wikitext/blob/9f7c666b6370668ee2dd874330e917f2dbe2c45f/wikitext-2-v1/
+    # train-00000-of-00001.parquet (6,068,114 bytes; the same oid in the parquet-converter's commit 9f50660)
+    "train-00000-of-00001.parquet": "dfc27e4360c639dc1fba1e403bfffd53af4a5c75d5363b5724d49bf12d07cce6",
+    # huggingface.co/datasets/Salesforce/wikitext/blob/main/wikitext-2-v1/validation-00000-of-00001.parquet
+    "validation-00000-of-00001.parquet": "717de9a0c1c0b0b1dfdd8f1e6ad8a30ece618bbde81f5da8207277547d324215",
+    # huggingface.co/datasets/Salesforce/wikitext/blob/9f7c666b6370668ee2dd874330e917f2dbe2c45f/wikitext-2-v1/
+    # test-00000-of-00001.parquet
+    "test-00000-of-00001.parquet": "e6b3913da714b63a60a571698b20ff15441fb015783ea1b5285f707d4f2f00a9",
+}
+WIKITEXT2_ZIP = "wikitext-2-v1.zip"  # members wikitext-2/wiki.{train,valid,test}.tokens
+WIKITEXT2_ZIP_URL = "https://wikitext.smerity.com/wikitext-2-v1.zip"  # the dataset author's own mirror
+WIKITEXT2_ZIP_MD5 = "542ccefacc6c27f945fb54453812b3cd"  # the original archive's, torchtext/datasets/wikitext2.py
+USER_AGENT = "Mozilla/5.0 (compatible; heterofl data fetch)"  # the mirror answers 403 to urllib's default agent
 
 
 class DataError(ValueError):
@@ -244,19 +274,23 @@ MNIST_FILES = {  # file -> (magic number, number of dimensions)
 }
 
 
+MNIST_LAYOUT = ["MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte   (the four uncompressed IDX files)"]
+MNIST_SOURCE = "MNIST (IDX files)"
+
+
 def _load_mnist(root: Path, download: bool) -> ImageData:
     """MNIST through torchvision, which reads root/MNIST/raw/*-ubyte as they are."""
     raw = root / "MNIST" / "raw"
     paths = [raw / f for f in MNIST_FILES]
     if not all(p.is_file() for p in paths):
-        layout = ["MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte   (the four uncompressed IDX files)"]
-        how = f"run with download enabled (needs internet), or copy the four IDX files there. {ROOT_HINT}"
+        how = (f"`heterofl data fetch MNIST` or download enabled (needs internet), or copy the four IDX files "
+               f"there. {ROOT_HINT}")
         if not download:
-            raise _missing("MNIST", paths, layout, how)
+            raise _missing("MNIST", paths, MNIST_LAYOUT, how)
         try:
-            torchvision.datasets.MNIST(str(root), train=True, download=True)
-        except (RuntimeError, OSError) as e:
-            raise _missing("MNIST", paths, layout, how, cause=str(e).strip()) from e
+            _fetch_with_torchvision("MNIST", root)
+        except FetchError as e:
+            raise _missing("MNIST", paths, MNIST_LAYOUT, how, cause=e.summary) from e
     counts = {f: _check_idx(raw / f, magic, ndim)[0] for f, (magic, ndim) in MNIST_FILES.items()}
     for split in ("train", "t10k"):
         if counts[f"{split}-images-idx3-ubyte"] != counts[f"{split}-labels-idx1-ubyte"]:
@@ -268,7 +302,7 @@ def _load_mnist(root: Path, download: bool) -> ImageData:
         raise DataError(f"MNIST: torchvision could not read the IDX files in {raw}: {e}") from e
     return ImageData(
         name="MNIST",
-        source=f"MNIST (IDX files) at {raw.parent}",
+        source=f"{MNIST_SOURCE} at {raw.parent}",
         train_x=_normalise(train.data.unsqueeze(1), MNIST_MEAN, MNIST_STD),  # (N, 1, 28, 28)
         train_y=train.targets.long(),
         test_x=_normalise(test.data.unsqueeze(1), MNIST_MEAN, MNIST_STD),
@@ -299,47 +333,63 @@ def _check_idx(path: Path, magic: int, ndim: int) -> list[int]:
 # ---------------------------------------------------------------- CIFAR10
 
 
+CIFAR10_LAYOUT = [
+    "CIFAR10/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}   (torchvision's download), or",
+    "CIFAR10/{train,test}/<class>/<image>.jpg|jpeg|png   (class folders named airplane ... truck), or",
+    "CIFAR10/<any>.tar.gz or archives/cifar10-jpeg.tar.gz holding such train/ and test/ folders",
+]
+CIFAR10_BATCHES_SOURCE = "CIFAR-10 (pickled batches)"
+
+
+def _find_cifar10(root: Path) -> tuple[str, Path] | None:
+    """The first CIFAR10 layout present, as (kind, path), kind "batches" | "folder" | "archive"; None if none is."""
+    folder = root / "CIFAR10"
+    for batches in (folder / "cifar-10-batches-py", root / "cifar-10-batches-py"):
+        if batches.is_dir():
+            return "batches", batches
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        return "folder", folder
+    archives = sorted(folder.glob("*.tar.gz")) if folder.is_dir() else []
+    for archive in archives + [root / "archives" / "cifar10-jpeg.tar.gz"]:
+        if archive.is_file():
+            return "archive", archive
+    return None
+
+
 def _load_cifar10(root: Path, download: bool, cache_dir: Path) -> ImageData:
     """CIFAR10 from the first of: pickled batches, an image folder, a tar.gz of one, a torchvision download."""
-    looked: list[str] = []
-    for batches in (root / "CIFAR10" / "cifar-10-batches-py", root / "cifar-10-batches-py"):
-        looked.append(f"{batches}/   (torchvision's pickled batches)")
-        if batches.is_dir():
-            return _cifar10(*_read_cifar_batches(batches), source=f"CIFAR-10 (pickled batches) at {batches}")
+    found = _find_cifar10(root)
+    if found is None:
+        folder = root / "CIFAR10"
+        looked = [
+            f"{folder / 'cifar-10-batches-py'}/   (torchvision's pickled batches)",
+            f"{root / 'cifar-10-batches-py'}/   (torchvision's pickled batches)",
+            f"{folder}/{{train,test}}/<class>/*.jpg|jpeg|png   (image folder)",
+            f"{folder}/*.tar.gz   (archive of such a folder)",
+            f"{root / 'archives' / 'cifar10-jpeg.tar.gz'}",
+        ]
+        how = (f"`heterofl data fetch CIFAR10` or download enabled (needs internet), or provide one of these "
+               f"layouts under {root}. {ROOT_HINT}")
+        if not download:
+            raise _missing("CIFAR10", looked, CIFAR10_LAYOUT, how)
+        try:
+            _fetch_with_torchvision("CIFAR10", root)
+        except FetchError as e:
+            raise _missing("CIFAR10", looked, CIFAR10_LAYOUT, how, cause=e.summary) from e
+        found = ("batches", folder / "cifar-10-batches-py")
 
-    folder = root / "CIFAR10"
-    looked.append(f"{folder}/{{train,test}}/<class>/*.jpg|jpeg|png   (image folder)")
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        files = _list_image_folder(folder)
-        key = [(str(p.relative_to(folder)), st.st_size, st.st_mtime_ns) for p, st in files]
-        arrays = _cached(cache_dir, "cifar10", [str(folder.resolve()), key], partial(_read_image_folder, folder, files))
-        return _cifar10(*arrays["splits"], source=_copy_label(arrays["formats"], f"from {folder}"))
-
-    archives = sorted(folder.glob("*.tar.gz")) if folder.is_dir() else []
-    archives.append(root / "archives" / "cifar10-jpeg.tar.gz")
-    looked.append(f"{folder}/*.tar.gz   (archive of such a folder)")
-    looked.append(f"{archives[-1]}")
-    for archive in archives:
-        if archive.is_file():
-            st = archive.stat()
-            ident = [str(archive.resolve()), st.st_size, st.st_mtime_ns]
-            arrays = _cached(cache_dir, "cifar10", ident, partial(_read_image_archive, archive))
-            return _cifar10(*arrays["splits"], source=_copy_label(arrays["formats"], f"from {archive}"))
-
-    layout = [
-        "CIFAR10/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}   (torchvision's download), or",
-        "CIFAR10/{train,test}/<class>/<image>.jpg|jpeg|png   (class folders named airplane ... truck), or",
-        "CIFAR10/<any>.tar.gz or archives/cifar10-jpeg.tar.gz holding such train/ and test/ folders",
-    ]
-    how = f"run with download enabled (needs internet), or provide one of these layouts under {root}. {ROOT_HINT}"
-    if not download:
-        raise _missing("CIFAR10", looked, layout, how)
-    try:
-        torchvision.datasets.CIFAR10(str(folder), train=True, download=True)
-    except (RuntimeError, OSError, tarfile.TarError) as e:
-        raise _missing("CIFAR10", looked, layout, how, cause=str(e).strip()) from e
-    batches = folder / "cifar-10-batches-py"
-    return _cifar10(*_read_cifar_batches(batches), source=f"CIFAR-10 (pickled batches) at {batches}")
+    kind, path = found
+    if kind == "batches":
+        return _cifar10(*_read_cifar_batches(path), source=f"{CIFAR10_BATCHES_SOURCE} at {path}")
+    if kind == "folder":
+        files = _list_image_folder(path)
+        key = [(str(p.relative_to(path)), st.st_size, st.st_mtime_ns) for p, st in files]
+        arrays = _cached(cache_dir, "cifar10", [str(path.resolve()), key], partial(_read_image_folder, path, files))
+    else:
+        st = path.stat()
+        ident = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+        arrays = _cached(cache_dir, "cifar10", ident, partial(_read_image_archive, path))
+    return _cifar10(*arrays["splits"], source=f"{_copy_label(arrays['formats'])} from {path}")
 
 
 def _cifar10(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, source: str) -> ImageData:
@@ -356,11 +406,11 @@ def _cifar10(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, s
     )
 
 
-def _copy_label(formats: list[str], where: str) -> str:
+def _copy_label(formats: list[str]) -> str:
     """Name an image copy for what it is; JPEG is a lossy re-encoding of CIFAR-10."""
     if "JPEG" in formats:
-        return f"CIFAR-10 offline JPEG copy (lossy re-encoding) {where}"
-    return f"CIFAR-10 offline {'+'.join(formats)} copy {where}"
+        return "CIFAR-10 offline JPEG copy (lossy re-encoding)"
+    return f"CIFAR-10 offline {'+'.join(formats)} copy"
 
 
 class _NumpyUnpickler(pickle.Unpickler):
@@ -524,84 +574,335 @@ def _cached(cache_dir: Path, prefix: str, ident: list, build: Callable[[], dict]
 # ---------------------------------------------------------------- text
 
 
-def _load_text(name: str, root: Path, download: bool) -> TextData:
-    """A corpus folder with {wiki.,}{train,valid,test}.tokens; WikiText2 can be downloaded."""
-    folders = [root / name] + ([root / "wikitext-2"] if name == "WikiText2" else [])
-    candidates = [
-        [folder / f"{prefix}{split}.tokens" for split in SPLITS] for folder in folders for prefix in ("wiki.", "")
-    ]
-    for paths in candidates:
-        if all(p.is_file() for p in paths):
-            return _read_corpus(name, paths)
+PARQUET_STEMS = {"train": ("train",), "valid": ("validation", "valid"), "test": ("test",)}  # Hugging Face: "validation"
+TOKENS, PARQUET, ARCHIVE = "token files", "parquet files", "original archive"  # the text layouts, as sources name them
 
-    looked = [f"{paths[0].parent}/{paths[0].name.replace('train', '{train,valid,test}')}" for paths in candidates]
+
+def _text_layout(name: str) -> list[str]:
+    """The layouts a corpus may have under the data root, for messages."""
     layout = [
-        f"{root}/{name}/{{train,valid,test}}.tokens   (or wiki.train.tokens, ...)",
-        "UTF-8 text, tokens separated by whitespace (the loader adds <eos> at the end of every line)",
+        f"{name}/{{train,valid,test}}.tokens or {name}/wiki.{{train,valid,test}}.tokens   (UTF-8 text, tokens "
+        "separated by whitespace; the loader adds <eos> at the end of every line), or",
+        f"{name}/{{train,validation,test}}-*.parquet   (a 'text' column, one row per line, as Hugging Face has it)",
     ]
     if name == "WikiText2":
-        how = (
-            f"run with download enabled (needs internet; fetches {WIKITEXT2_URL}), "
-            f"or unpack that archive into {root}. {ROOT_HINT}"
-        )
-        if download:
-            try:
-                folder = _download_wikitext2(root)
-            except (OSError, zipfile.BadZipFile) as e:
-                raise _missing(name, looked, layout, how, cause=str(e)) from e
-            return _read_corpus(name, [folder / f"wiki.{split}.tokens" for split in SPLITS])
-    else:
-        how = (
-            "put the three token files there; the built-in dataset names are MNIST, CIFAR10 and WikiText2 "
-            f"(case-sensitive). {ROOT_HINT}"
-        )
-    raise _missing(name, looked, layout, how)
+        layout[-1] += ", or"
+        layout.append(f"WikiText2/{WIKITEXT2_ZIP} as it is, or unpacked as wikitext-2/wiki.{{train,valid,test}}.tokens")
+    return layout
 
 
-def _download_wikitext2(root: Path) -> Path:
-    """Fetch and verify wikitext-2-v1.zip (torchtext's URL and MD5) and unpack it to root/wikitext-2."""
-    archive = root / "wikitext-2-v1.zip"
-    if not archive.is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        part = archive.with_name(archive.name + ".part")
-        with urllib.request.urlopen(WIKITEXT2_URL, timeout=60) as response, open(part, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-        if (md5 := hashlib.md5(part.read_bytes()).hexdigest()) != WIKITEXT2_MD5:
-            part.unlink()
-            raise DataError(f"WikiText2: the download from {WIKITEXT2_URL} has MD5 {md5}, expected {WIKITEXT2_MD5}")
-        os.replace(part, archive)
-    if (md5 := hashlib.md5(archive.read_bytes()).hexdigest()) != WIKITEXT2_MD5:
-        raise DataError(f"WikiText2: {archive} has MD5 {md5}, expected {WIKITEXT2_MD5}; delete it and download again")
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(root)  # members: wikitext-2/wiki.{train,valid,test}.tokens
-    return root / "wikitext-2"
+def _find_text(name: str, root: Path) -> tuple[str, Path, list[list[Path]]] | None:
+    """The first layout of corpus `name` under root: (kind, folder or archive, files of train, valid, test)."""
+    folders = [root / name] + ([root / "wikitext-2"] if name == "WikiText2" else [])
+    for folder in folders:
+        for prefix in ("wiki.", ""):
+            paths = [folder / f"{prefix}{split}.tokens" for split in SPLITS]
+            if all(p.is_file() for p in paths):
+                return TOKENS, folder, [[p] for p in paths]
+    shards = [_parquet_shards(root / name, split) for split in SPLITS]
+    if all(shards):
+        return PARQUET, root / name, shards
+    archive = root / name / WIKITEXT2_ZIP
+    if name == "WikiText2" and archive.is_file():
+        return ARCHIVE, archive, [[archive]] * len(SPLITS)
+    return None
 
 
-def _tokenise(path: Path, name: str) -> list[str]:
-    """Words of a token file as pytorch/examples word_language_model reads them: line.split() + ['<eos>']."""
+def _parquet_shards(folder: Path, split: str) -> list[Path]:
+    """A split's parquet files in folder: <stem>-*.parquet (e.g. train-00000-of-00001.parquet) or <stem>.parquet."""
+    for stem in PARQUET_STEMS[split]:
+        shards = sorted(folder.glob(f"{stem}-*.parquet")) + sorted(folder.glob(f"{stem}.parquet"))
+        if shards:
+            return shards
+    return []
+
+
+def _load_text(name: str, root: Path, download: bool) -> TextData:
+    """A word-level corpus in any layout of _find_text; WikiText2 can be downloaded."""
+    found = _find_text(name, root)
+    if found is None:
+        folders = [root / name] + ([root / "wikitext-2"] if name == "WikiText2" else [])
+        looked = [f"{folder}/{prefix}{{train,valid,test}}.tokens" for folder in folders for prefix in ("wiki.", "")]
+        looked.append(f"{root / name}/{{train,validation,test}}-*.parquet")
+        if name != "WikiText2":
+            how = ("put the three split files there; the built-in dataset names are MNIST, CIFAR10 and WikiText2 "
+                   f"(case-sensitive). {ROOT_HINT}")
+            raise _missing(name, looked, _text_layout(name), how)
+        looked.append(str(root / name / WIKITEXT2_ZIP))
+        how = (f"`heterofl data fetch WikiText2` or download enabled (needs internet), or copy one of these "
+               f"layouts under {root}. {ROOT_HINT}")
+        if not download:
+            raise _missing(name, looked, _text_layout(name), how)
+        try:
+            _fetch_wikitext2(root, progress=True)
+        except FetchError as e:
+            raise _missing(name, looked, _text_layout(name), how, cause=e.summary) from e
+        found = _find_text(name, root)
+    return _read_corpus(name, *found)
+
+
+def _words(lines: Iterable[str]) -> list[str]:
+    """Words as pytorch/examples word_language_model reads a token file: line.split() + ['<eos>'] per line."""
+    return [word for line in lines for word in line.split() + [EOS]]
+
+
+def _split_words(name: str, kind: str, paths: list[Path], split: str) -> list[str]:
+    """The words of one split in any text layout (a parquet row is one line of the token file)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return [word for line in f for word in line.split() + [EOS]]
+        if kind == PARQUET:
+            return _words(line for path in paths for line in _parquet_lines(path, name))
+        if kind == ARCHIVE:
+            return _archive_words(paths[0], split, name)
+        with open(paths[0], encoding="utf-8") as f:
+            return _words(f)
     except UnicodeDecodeError as e:
-        raise DataError(f"{name}: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+        raise DataError(f"{name}: {_split_file(kind, paths, split)} is not UTF-8 text "
+                        f"(byte {e.start}: {e.reason})") from e
 
 
-def _read_corpus(name: str, paths: list[Path]) -> TextData:
-    """Token files (train, valid, test) -> TextData with the vocabulary of the training split."""
-    train_words = _tokenise(paths[0], name)
+def _split_file(kind: str, paths: list[Path], split: str) -> str:
+    """A split's file(s), for messages."""
+    if kind == ARCHIVE:
+        return f"{paths[0]} (member wikitext-2/wiki.{split}.tokens)"
+    return ", ".join(str(p) for p in paths)
+
+
+def _parquet_lines(path: Path, name: str) -> list[str]:
+    """The 'text' column of a parquet file, one line per row (a missing value is an empty line)."""
+    import pyarrow as pa  # only this layout needs pyarrow, which takes a while to import
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError(f"{name}: {path} is not a readable parquet file ({type(e).__name__}: {e})") from e
+    kind = table.schema.field("text").type if "text" in table.column_names else None
+    if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        found = ", ".join(f"{f.name} ({f.type})" for f in table.schema)
+        raise DataError(f"{name}: {path} has no 'text' column of strings (its columns: {found})")
+    return [line or "" for line in table.column("text").to_pylist()]
+
+
+def _archive_words(archive: Path, split: str, name: str) -> list[str]:
+    """The words of wikitext-2/wiki.<split>.tokens read from the zip itself (line ends as open() reads them)."""
+    try:
+        with zipfile.ZipFile(archive) as z, z.open(f"wikitext-2/wiki.{split}.tokens") as member:
+            return _words(io.TextIOWrapper(member, encoding="utf-8"))
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{name}: {archive} is not a readable {WIKITEXT2_ZIP} ({type(e).__name__}: {e}); "
+                        "delete it and run `heterofl data fetch WikiText2` again") from e
+
+
+def _read_corpus(name: str, kind: str, where: Path, files: list[list[Path]]) -> TextData:
+    """The train, valid and test files of a text layout -> TextData with the vocabulary of the training split."""
+    train_words = _split_words(name, kind, files[0], SPLITS[0])
     vocab = list(dict.fromkeys(train_words))  # order of first appearance
     index = {word: i for i, word in enumerate(vocab)}
     streams = [torch.tensor([index[w] for w in train_words], dtype=torch.int64)]
-    for path in paths[1:]:
-        words = _tokenise(path, name)
+    for paths, split in zip(files[1:], SPLITS[1:]):
+        words = _split_words(name, kind, paths, split)
         unknown = {w for w in words if w not in index}
         if unknown and UNK not in index:
             raise DataError(
-                f"{name}: {path} has {len(unknown)} words not in the training vocabulary (e.g. {sorted(unknown)[:5]}) "
-                f"and the training split has no {UNK} token to map them to"
+                f"{name}: {_split_file(kind, paths, split)} has {len(unknown)} words not in the training vocabulary "
+                f"(e.g. {sorted(unknown)[:5]}) and the training split has no {UNK} token to map them to"
             )
         unk = index.get(UNK)
         streams.append(torch.tensor([index.get(w, unk) for w in words], dtype=torch.int64))
-    return TextData(name=name, source=f"{name} (token files) at {paths[0].parent}", vocab=vocab,
+    return TextData(name=name, source=f"{name} ({kind}) at {where}", vocab=vocab,
                     train=streams[0], valid=streams[1], test=streams[2])
+
+
+# ---------------------------------------------------------------- fetch: download into a layout the loaders read
+
+FETCHABLE = ("MNIST", "CIFAR10", "WikiText2")  # each lands in <root>/<name>
+WIKITEXT2_SOURCES = [  # (source, [(url, file name, hash, published digest)]), in the order fetch tries them
+    ("Hugging Face Salesforce/wikitext, config wikitext-2-v1 (parquet)",
+     [(WIKITEXT2_HF_URL.format(file), file, "sha256", digest) for file, digest in WIKITEXT2_PARQUET_SHA256.items()]),
+    (f"{WIKITEXT2_ZIP} from the author's mirror", [(WIKITEXT2_ZIP_URL, WIKITEXT2_ZIP, "md5", WIKITEXT2_ZIP_MD5)]),
+]
+
+
+class FetchError(DataError):
+    """No source of a dataset could be downloaded; the message names each source, why it failed and what to do."""
+
+    def __init__(self, name: str, root: Path, attempts: list[tuple[str, str]]) -> None:
+        self.attempts = attempts  # (source, why it failed), in the order tried
+        layout = {"MNIST": MNIST_LAYOUT, "CIFAR10": CIFAR10_LAYOUT}.get(name) or _text_layout(name)
+        lines = [f"{name}: could not download it. Tried:"]
+        lines += [f"  {i}. {source}: {why}" for i, (source, why) in enumerate(attempts, 1)]
+        lines += [
+            "What to do (the usual cause: no internet on this machine):",
+            f"  - on a machine with internet run `heterofl data fetch {name} --data-root DIR`, "
+            f"then copy DIR/{name} to {root / name}",
+            f"  - or copy the files into {root} yourself, in one of these layouts:",
+            *(f"      {line}" for line in layout),
+            "  - or point --data-root or $HETEROFL_DATA at a folder that already has them",
+        ]
+        super().__init__("\n".join(lines))
+
+    @property
+    def summary(self) -> str:
+        """The failures on one line, for a loader's message."""
+        return "; ".join(f"{why} (from {source})" for source, why in self.attempts)
+
+
+def fetch_dataset(name: str, data_root: str | os.PathLike | None = None, progress: bool = True) -> DatasetStatus:
+    """Download MNIST, CIFAR10 or WikiText2 into the data root unless it is there already; returns its status.
+
+    MNIST and CIFAR10 come through torchvision (its mirrors, its MD5s) as the IDX files and the
+    pickled batches; WikiText2 from the first of WIKITEXT2_SOURCES that serves it, checked against
+    the published checksum, with a progress bar over the bytes. Everything is downloaded into a
+    hidden folder under the root and moved into place only when complete. FetchError (a DataError)
+    when no source worked, e.g. offline.
+    """
+    root = resolve_data_root(data_root)
+    if name not in FETCHABLE:
+        raise DataError(f"No download source for {name!r}: fetch knows {', '.join(FETCHABLE)} (case-sensitive). "
+                        f"A corpus of your own goes into {root / name} as {{train,valid,test}}.tokens "
+                        "(or Hugging Face parquet files); `heterofl data status` lists what is there")
+    if not status_of(name, root).found:
+        if name == "WikiText2":
+            _fetch_wikitext2(root, progress)
+        else:
+            _fetch_with_torchvision(name, root)
+    return status_of(name, root)
+
+
+@contextlib.contextmanager
+def _staging(root: Path) -> Iterator[Path]:
+    """A fresh hidden folder inside root for downloads, removed afterwards: a failed fetch leaves nothing behind."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=root, prefix=".fetch-"))
+    except OSError as e:
+        raise DataError(f"Cannot write into the data root {root} ({e}); choose a writable folder with "
+                        "--data-root or $HETEROFL_DATA") from e
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _download(url: str, dest: Path, algorithm: str, digest: str, progress: bool) -> None:
+    """Stream url into dest with a progress bar over its bytes; DataError when its checksum is not `digest`."""
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    check = hashlib.new(algorithm)
+    with (urllib.request.urlopen(request, timeout=60) as response, open(dest, "wb") as f,
+          tqdm(total=getattr(response, "length", None), unit="B", unit_scale=True, unit_divisor=1024,
+               desc=dest.name, disable=not progress) as bar):
+        while chunk := response.read(1 << 16):
+            f.write(chunk)
+            check.update(chunk)
+            bar.update(len(chunk))
+    if check.hexdigest() != digest:
+        raise DataError(f"{dest.name} has {algorithm.upper()} {check.hexdigest()}, expected {digest}")
+
+
+def _fetch_wikitext2(root: Path, progress: bool) -> None:
+    """Download WikiText-2 from the first source that serves it into root/WikiText2 (parquet files or the zip)."""
+    attempts = []
+    with _staging(root) as stage:
+        for source, files in WIKITEXT2_SOURCES:
+            try:
+                for url, file, algorithm, digest in files:
+                    _download(url, stage / file, algorithm, digest, progress)
+            except (OSError, http.client.HTTPException, DataError) as e:  # URLError and timeouts are OSErrors
+                attempts.append((source, f"{url}: {e}"))
+                continue
+            (root / "WikiText2").mkdir(exist_ok=True)
+            for _, file, _, _ in files:
+                os.replace(stage / file, root / "WikiText2" / file)
+            return
+    raise FetchError("WikiText2", root, attempts)
+
+
+def _fetch_with_torchvision(name: str, root: Path) -> None:
+    """MNIST or CIFAR10 through torchvision's own download, moved into the layout the loader reads."""
+    with _staging(root) as stage:
+        try:
+            getattr(torchvision.datasets, name)(str(stage), train=True, download=True)
+        except (RuntimeError, OSError, tarfile.TarError) as e:  # RuntimeError: torchvision tried every mirror
+            raise FetchError(name, root, [(f"torchvision.datasets.{name}", " ".join(str(e).split()))]) from e
+        if name == "MNIST":
+            (root / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+            for file in MNIST_FILES:
+                os.replace(stage / "MNIST" / "raw" / file, root / "MNIST" / "raw" / file)
+        else:
+            (root / "CIFAR10").mkdir(exist_ok=True)
+            os.replace(stage / "cifar-10-batches-py", root / "CIFAR10" / "cifar-10-batches-py")
+
+
+# ---------------------------------------------------------------- status: which datasets are where
+
+
+@dataclass(frozen=True)
+class DatasetStatus:
+    """One dataset as `heterofl data status` shows it."""
+
+    name: str
+    found: bool
+    path: Path  # where it is, or where fetch puts it
+    source: str  # what the loader calls it, e.g. "CIFAR-10 offline JPEG copy (lossy re-encoding)"; "" if not found
+    size_mb: float  # the files the loader reads, in MB (10^6 bytes)
+
+
+def dataset_status(data_root: str | os.PathLike | None = None) -> list[DatasetStatus]:
+    """MNIST, CIFAR10, WikiText2 and every text corpus folder under the data root, from names and sizes only."""
+    root = resolve_data_root(data_root)
+    skip = {*FETCHABLE, "wikitext-2", "cifar-10-batches-py", "archives"}
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    corpora = [status_of(n, root) for n in folders if n not in skip and not n.startswith(".")]
+    return [status_of(name, root) for name in FETCHABLE] + [s for s in corpora if s.found]
+
+
+def status_of(name: str, data_root: str | os.PathLike | None = None) -> DatasetStatus:
+    """Whether dataset `name` is under the data root, where, what the loader would call it, and its size.
+
+    Looks at file names and sizes only (an image archive: the name of its first image), never decodes.
+    """
+    root = resolve_data_root(data_root)
+    if name == "MNIST":
+        files = [root / "MNIST" / "raw" / f for f in MNIST_FILES]
+        if not all(p.is_file() for p in files):
+            return DatasetStatus(name, False, root / "MNIST", "", 0.0)
+        return DatasetStatus(name, True, root / "MNIST", MNIST_SOURCE, _size_mb(files))
+    if name == "CIFAR10":
+        return _cifar10_status(root)
+    found = _find_text(name, root)
+    if found is None:
+        return DatasetStatus(name, False, root / name, "", 0.0)
+    kind, where, files = found
+    return DatasetStatus(name, True, where, f"{name} ({kind})", _size_mb({p for paths in files for p in paths}))
+
+
+def _cifar10_status(root: Path) -> DatasetStatus:
+    """CIFAR10's status; an image copy is named by its files' suffixes, as the loader names it by their format."""
+    found = _find_cifar10(root)
+    if found is None:
+        return DatasetStatus("CIFAR10", False, root / "CIFAR10", "", 0.0)
+    kind, path = found
+    if kind == "batches":
+        return DatasetStatus("CIFAR10", True, path, CIFAR10_BATCHES_SOURCE,
+                             _size_mb(p for p in path.iterdir() if p.is_file()))
+    if kind == "folder":
+        files = _list_image_folder(path)
+        label = _copy_label(sorted({_suffix_format(p.name) for p, _ in files}))
+        return DatasetStatus("CIFAR10", True, path, label, sum(st.st_size for _, st in files) / 1e6)
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            first = next((m.name for m in tar if m.isfile() and _is_image(Path(m.name).name)), None)
+        label = _copy_label([_suffix_format(first)]) if first else "archive with no .jpg/.jpeg/.png image"
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        label = f"unreadable archive ({type(e).__name__}: {e})"
+    return DatasetStatus("CIFAR10", True, path, label, _size_mb([path]))
+
+
+def _suffix_format(filename: str) -> str:
+    """The image format a file name says (.png: PNG, .jpg/.jpeg: JPEG), as PIL names it."""
+    return "PNG" if filename.lower().endswith(".png") else "JPEG"
+
+
+def _size_mb(paths: Iterable[Path]) -> float:
+    """Total size of the files in MB (10^6 bytes)."""
+    return sum(p.stat().st_size for p in paths) / 1e6

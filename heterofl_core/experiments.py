@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -146,10 +147,12 @@ class Scale:
 
     @classmethod
     def from_params(cls, **params: Any) -> Scale:
-        """From notebook parameters (unknown keys ignored, lists become tuples)."""
-        names = {f for f in cls.__dataclass_fields__}
-        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k in names}
-        return cls(**values)
+        """From a profile's settings (profiles.py); lists become tuples, unknown names are refused."""
+        names = set(cls.__dataclass_fields__)
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ValueError(f"unknown scale settings {unknown}; valid: {', '.join(sorted(names))}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()})
 
     def config(self, dataset: str, control: str, **overrides: Any) -> ExperimentConfig:
         """The paper's config for ``control`` on ``dataset``, then this scale, then ``overrides``."""
@@ -383,6 +386,173 @@ def interpolation_experiments(data: DataSpec, scale: Scale, global_levels: Itera
     return experiments
 
 
+# ----------------------------------------------------------------------------- the interpolation notebooks (04-06)
+
+def _share_words(share: int, total: int, first: bool) -> str:
+    part = Fraction(share, total)
+    if part == 1:
+        return "all users" if first else "all"
+    if part == Fraction(1, 2):
+        return "half of the users" if first else "half"
+    return f"{part.numerator} in {part.denominator}" + (" users" if first else "")
+
+
+def width_words(level: str) -> str:
+    """A level's width in words: 'the full width' (a), '1/16 of the full width' (e)."""
+    rate = Fraction(LEVEL_RATES[level]).limit_denominator(1024)
+    return "the full width" if rate == 1 else f"{rate} of the full width"
+
+
+def describe_mode(mode: str, model_split: str = "fix") -> str:
+    """A model mode in words, e.g. ``c5-e5``: "Half of the users train level c (1/4 of the full width)
+    and half level e (1/16 of the full width). ..." (the global model, and what ``fix``/``dynamic`` mean)."""
+    levels = parse_model_mode(mode, shorthand=True)
+    total = sum(share for _, share in levels)
+    parts = [f"{_share_words(share, total, n == 0)}{' train' if n == 0 else ''} level {level} ({width_words(level)})"
+             for n, (level, share) in enumerate(levels)]
+    said = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    top = levels[0][0]
+    global_model = (f"The global model is level {top} ({width_words(top)}), the widest in the mode"
+                    + ("" if len(levels) == 1 else "; a narrower client trains its top-left corner"))
+    how = {"fix": "Each user keeps its level for the whole run (fix)",
+           "dynamic": "Every round each user's level is drawn anew with these proportions (dynamic)"}
+    if model_split not in how:
+        raise ValueError(f"unknown model split {model_split!r}; valid: {', '.join(how)}")
+    return f"{said[0].upper()}{said[1:]}. {global_model}. {how[model_split]}."
+
+
+def unigram_references(train: torch.Tensor, test: torch.Tensor, vocab_size: int,
+                       mask_rate: float = 0.15) -> dict[str, float]:
+    """Perplexities on ``test`` reached with word frequencies alone (counted in ``train``, plus one each, so an
+    unseen word keeps a chance): ``unigram`` guesses every position by frequency, exp(H); ``copy_unigram``
+    copies the visible tokens and guesses the masked ones (a share ``mask_rate``) by frequency, exp(rate·H);
+    ``copy_uniform`` copies and guesses the masked ones uniformly, V^rate."""
+    counts = torch.bincount(train, minlength=vocab_size).double() + 1
+    cross_entropy = float(-(counts / counts.sum())[test].log().mean())  # H, nats per token
+    return {"unigram": math.exp(cross_entropy), "copy_unigram": math.exp(mask_rate * cross_entropy),
+            "copy_uniform": vocab_size ** mask_rate}
+
+
+class InterpolationStudy:
+    """One dataset's interpolation experiment at a notebook's settings (notebooks 04-06): the grid of mixtures
+    x{i}-y{10-i}, the run watched live, the interpolation figure and the learning curves with their records,
+    and the checks every such notebook ends with. Each step is one method; :meth:`run_everything` does all.
+
+    ``settings`` is the notebook's :func:`heterofl_core.profiles.settings` (``scale``, ``global_levels``,
+    ``points``, ``curve_eval_every``, ``featured_mode``); ``paths`` is :func:`notebook_paths`.
+    """
+
+    def __init__(self, dataset: str, settings: Any, paths: tuple[Path, Path, Path], seed: int = 0) -> None:
+        data_root, self.runs_dir, self.figures_dir = paths
+        self.dataset, self.settings, self.profile = dataset, settings, settings.profile
+        self.scale: Scale = settings.scale
+        self.data = DataSpec(dataset, str(data_root), self.scale.train_samples, self.scale.test_samples, seed=seed)
+        self.family = family_for_dataset(dataset)
+        self.metric = headline(dataset)
+        loaded = self.data.load()
+        self.vocab_size = loaded.vocab_size if isinstance(loaded, TextData) else 0
+        paper_dataset = self.family.datasets[0]
+        copy = " (offline JPEG copy)" if "JPEG" in loaded.source else ""
+        self.title = f"{paper_dataset}{copy} {self.family.display}" + (
+            f" run on {dataset}" if dataset != paper_dataset else "")
+        self.reductions = self.scale.reductions(dataset)
+        grid = interpolation_experiments(self.data, self.scale, settings.global_levels, settings.points,
+                                         curve_points=[5], curve_eval_every=settings.curve_eval_every,
+                                         vocab_size=self.vocab_size, seed=seed)
+        self.grid = [self._curve(e) if e.name == settings.featured_mode else e for e in grid]
+        self.featured = next((e for e in self.grid if e.name == settings.featured_mode), None) or self._curve(
+            Experiment(settings.featured_mode, self.scale.config(dataset, self.scale.control(settings.featured_mode),
+                                                                  seed=seed), self.data, {"curve": True}))
+        self.results: Results | None = None
+        self.saved: list[Path] = []
+
+    def _curve(self, experiment: Experiment) -> Experiment:
+        """``experiment`` tested every ``curve_eval_every`` rounds (a run drawn as a learning curve)."""
+        every = min(self.settings.curve_eval_every, experiment.cfg.rounds)
+        return replace(experiment, cfg=experiment.cfg.replace(eval_every=every),
+                       labels={**experiment.labels, "curve": True})
+
+    def about(self) -> str:
+        """The data, what the profile cut from the paper's settings, and the grid, in a few lines."""
+        vocab = f" | vocabulary {self.vocab_size:,} words" if self.vocab_size else ""
+        cut = ["Reduced from the paper's settings:", *[f"  - {r}" for r in self.reductions]] if self.reductions \
+            else ["The paper's settings."]
+        return "\n".join([f"{self.dataset} | {self.data.describe()}{vocab}", *cut,
+                          f"grid: {len(self.grid)} runs: {', '.join(e.name for e in self.grid)}"])
+
+    def watch(self, interactive: bool = False) -> Results:
+        """Train (or read back) the featured run; interactive, its curves redraw every round, else they are
+        drawn once at the end."""
+        from . import plots
+
+        live = plots.LiveCurves(self.metric, f"{self.dataset} {self.featured.name}", interactive)
+        results = run_all([self.featured], self.runs_dir, on_round=lambda experiment: live)
+        plots.learning_curves(results.history, self.metric, f"{self.dataset}: {self.featured.cfg.control}")
+        return results
+
+    def run(self) -> Results:
+        """Every run of the grid, one line each: finished runs are read back, the others train now."""
+        self.results = run_all(self.grid, self.runs_dir)
+        return self.results
+
+    def table(self) -> pd.DataFrame:
+        """One row per run: mean parameters of the mixture, global and local metric of the final round."""
+        kind = self.metric.split("_", 1)[1]
+        columns = ["name", "params", f"final_global_{kind}", f"final_local_{kind}"]
+        return self._results().summary[columns].round(2)
+
+    def draw(self) -> list[Path]:
+        """The interpolation figure and the learning curves, each saved (PNG, PDF, JSON record); the paths."""
+        from . import plots
+
+        results, kind = self._results(), self.metric.split("_", 1)[1]
+        points = ", ".join(map(str, sorted(set(self.settings.points))))
+        title = f"{self.title}: interpolating between levels (iid, fix)"
+        note = figure_note(self.profile, self.reductions, results.data_sources(),
+                           f"y: global {kind} of the final round; each line, left to right: "
+                           f"x{{i}}-y{{10-i}} for i = {points}, then x alone (star)")
+        fig = plots.interpolation_figure(results.summary, self.metric, title, note)
+        meta = plots.record(self.profile, title, caption=" | ".join(note), data_source=results.data_sources(),
+                            configs=results.configs(), reductions=self.reductions, dataset=self.dataset)
+        saved = plots.save_figure(fig, self.figures_dir, f"interpolation_{self.dataset}", meta)
+
+        curves = results.summary.loc[results.summary["curve"].astype(bool), "name"].tolist()
+        title = f"{self.title}: learning curves"
+        reductions = replace(self.scale, eval_every=self.settings.curve_eval_every).reductions(self.dataset)
+        note = figure_note(self.profile, reductions, results.data_sources())
+        fig = plots.learning_curves(results.history, self.metric, title, note, names=curves)
+        meta = plots.record(self.profile, title, caption=" | ".join(note), data_source=results.data_sources(),
+                            configs=[c for c in results.configs() if c["name"] in curves],
+                            reductions=reductions, dataset=self.dataset)
+        self.saved = saved + plots.save_figure(fig, self.figures_dir, f"curves_{self.dataset}", meta)
+        return self.saved
+
+    def run_everything(self, interactive: bool = False) -> Results:
+        """:meth:`watch`, :meth:`run` and :meth:`draw`: the whole recipe of notebook 04 in one call."""
+        self.watch(interactive)
+        self.run()
+        self.draw()
+        return self._results()
+
+    def check(self) -> None:
+        """What every interpolation notebook checks (AssertionError saying which failed): each run finished and
+        was tested, the figures and their records are written, wider global models and more x clients mean
+        more parameters."""
+        summary = self._results().summary
+        values = summary[f"final_{self.metric}"]
+        assert len(summary) == len(self.grid) and values.notna().all(), "every run of the grid finished and was tested"
+        assert self.saved and all(p.exists() for p in self.saved), "figures and their records are written"
+        alone = summary[summary["other_level"].isna()].set_index("global_level")["params"]
+        assert list(alone) == sorted(alone, reverse=True), "wider global models have more parameters"
+        for _, line in summary.dropna(subset=["other_level"]).groupby(["global_level", "other_level"]):
+            assert line.sort_values("i")["params"].is_monotonic_increasing, "more x clients, more mean parameters"
+
+    def _results(self) -> Results:
+        if self.results is None:
+            raise RuntimeError("run the grid first: study.run() (or study.run_everything())")
+        return self.results
+
+
 # The paper's CIFAR10 table (spec section 8): ResNet18 [1, 1, 1, 2], dynamic split.
 PAPER_CIFAR10_TABLE = pd.DataFrame(
     [("a", 1.00, "9.6M", "330.2M", 36.71, 91.19, 92.38, 56.88),
@@ -407,7 +577,7 @@ def table_experiments(data: DataSpec, scale: Scale, models: Iterable[str] = tupl
     return experiments
 
 
-# The ablation (spec section 8, the paper's ablation table): non-IID-2, model a-e; numbers the spec gives.
+# The ablation (spec section 8, the paper's ablation table): non-IID-2, model a-e, dynamic.
 ABLATION_VARIANTS = [  # (label, norm, scale, mask)
     ("sBN", "bn", False, False),
     ("sBN + masked CE", "bn", False, True),
@@ -418,16 +588,31 @@ ABLATION_VARIANTS = [  # (label, norm, scale, mask)
     ("GroupNorm + Scaler + masked CE", "gn", True, True),
     ("LayerNorm + Scaler + masked CE", "ln", True, True),
 ]
-PAPER_ABLATION = {  # (dataset, variant) -> (local, global) accuracy, as quoted in the spec
-    ("CIFAR10", "sBN + Scaler + masked CE"): (92.8, 60.4),
-    ("CIFAR10", "sBN"): (41.0, 41.3),
+PAPER_ABLATION = {  # (dataset, variant) -> (local, global) accuracy: the a-e rows of the spec's table (dynamic)
+    ("MNIST", "sBN"): (99.2, 99.2),
+    ("MNIST", "sBN + masked CE"): (99.8, 98.0),
+    ("MNIST", "sBN + Scaler"): (99.3, 99.3),
     ("MNIST", "sBN + Scaler + masked CE"): (99.8, 98.2),
+    ("MNIST", "no norm + Scaler + masked CE"): (99.5, 95.8),
+    ("MNIST", "InstanceNorm + Scaler + masked CE"): (99.8, 98.7),
+    ("MNIST", "GroupNorm + Scaler + masked CE"): (99.5, 96.2),
+    ("MNIST", "LayerNorm + Scaler + masked CE"): (99.5, 96.2),
+    ("CIFAR10", "sBN"): (41.0, 41.3),
+    ("CIFAR10", "sBN + masked CE"): (90.7, 57.7),
+    ("CIFAR10", "sBN + Scaler"): (46.0, 46.7),
+    ("CIFAR10", "sBN + Scaler + masked CE"): (92.8, 60.4),
+    ("CIFAR10", "no norm + Scaler + masked CE"): (90.3, 55.6),
+    ("CIFAR10", "InstanceNorm + Scaler + masked CE"): (87.0, 34.4),
+    ("CIFAR10", "GroupNorm + Scaler + masked CE"): (88.7, 49.7),
+    ("CIFAR10", "LayerNorm + Scaler + masked CE"): (78.5, 25.0),
 }
 
 
 def ablation_experiments(data: DataSpec, scale: Scale, mode: str = "a1-e1", split: str = "non-iid-2",
-                         variants: Iterable[str] | None = None, seed: int = 0) -> list[Experiment]:
-    """One run per ablation variant (by label; ``None`` = all of :data:`ABLATION_VARIANTS`)."""
+                         variants: Iterable[str] | None = None, seed: int = 0,
+                         model_split: str = "dynamic") -> list[Experiment]:
+    """One run per ablation variant (by label; ``None`` = all of :data:`ABLATION_VARIANTS`).
+    ``model_split`` defaults to the paper's for its mixture a-e: every round each user draws its level."""
     wanted = None if variants is None else list(variants)
     known = [label for label, *_ in ABLATION_VARIANTS]
     if wanted is not None and (unknown := [v for v in wanted if v not in known]):
@@ -436,7 +621,8 @@ def ablation_experiments(data: DataSpec, scale: Scale, mode: str = "a1-e1", spli
     for label, norm, scaler, mask in ABLATION_VARIANTS:
         if wanted is not None and label not in wanted:
             continue
-        cfg = scale.config(data.name, scale.control(mode, split=split, norm=norm, scale=scaler, mask=mask), seed=seed)
+        control = scale.control(mode, split=split, model_split=model_split, norm=norm, scale=scaler, mask=mask)
+        cfg = scale.config(data.name, control, seed=seed)
         experiments.append(Experiment(label, cfg, data, {"variant": label, "norm": norm, "scaler": scaler,
                                                          "masked_ce": mask}))
     return experiments

@@ -11,8 +11,11 @@ run folders (see experiments.py).
 
 from __future__ import annotations
 
+import html
+import io
 import json
 import textwrap
+import threading
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -138,31 +141,104 @@ def learning_curves(history: pd.DataFrame, metric: str, title: str, note: str | 
 class LiveCurves:
     """An ``on_round`` callback that redraws the learning curves while a run trains.
 
-    Interactive (a notebook with a frontend): an ipywidgets ``Output`` is redrawn every
-    round. Otherwise (papermill, plain Python): it stays silent and :meth:`final` draws once.
+    Interactive (a notebook with a frontend): a picture widget is redrawn every round, with a caption
+    saying which round it shows. Otherwise (papermill, plain Python): it stays silent, and keeps the
+    last frame in ``self.frame``; the notebook draws the final curves itself.
     """
 
     def __init__(self, metric: str, title: str, interactive: bool = False) -> None:
         self.metric, self.title = metric, title
         self.interactive = interactive and widgets_available()
         self.frame: pd.DataFrame | None = None
-        self.output = None
+        self.view: FigureView | None = None
         if self.interactive:
-            import ipywidgets
             from IPython.display import display
-            self.output = ipywidgets.Output()
-            display(self.output)
+            self.view = FigureView(f"{title}: waiting for the first round")
+            display(self.view.widget)
 
     def __call__(self, round_: int, frame: pd.DataFrame) -> None:
         self.frame = frame
-        if self.output is None:
+        if self.view is None:
             return
-        from IPython.display import clear_output, display
-        with self.output:
-            clear_output(wait=True)
-            fig = learning_curves(frame.assign(name=self.title), self.metric, f"{self.title}: round {round_}")
-            display(fig)
-            plt.close(fig)
+        heading = f"{self.title}: round {round_}"
+        self.view.show(lambda: (learning_curves(frame.assign(name=self.title), self.metric, heading), None,
+                                html.escape(heading)))
+
+
+# Every interactive figure is drawn under this lock, one at a time, whichever thread asks (JupyterLab 4.6 sends
+# widget messages to kernel subshells by default: callbacks can run beside each other and beside a cell).
+_DRAW_LOCK = threading.RLock()
+
+
+def figure_png(fig: plt.Figure) -> bytes:
+    """Close ``fig``, then draw it to PNG bytes on a canvas of its own (as the inline backend shows figures).
+
+    Closing first takes the figure out of pyplot's registry, so the inline backend's post-execute flush, which
+    the kernel also runs after a widget message handled on another thread (a subshell), cannot draw the same
+    figure at the same moment: two threads drawing one canvas clear each other's buffer and leave a transparent
+    image. The fresh canvas gives this drawing its own buffer even if such a flush had started before.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    plt.close(fig)
+    FigureCanvasAgg(fig)  # becomes fig.canvas
+    buffer = io.BytesIO()
+    with _DRAW_LOCK:
+        fig.savefig(buffer, format="png", dpi=fig.dpi, bbox_inches="tight", facecolor=fig.get_facecolor(),
+                    edgecolor=fig.get_edgecolor())
+    return buffer.getvalue()
+
+
+class FigureView:
+    """A caption, a figure and an optional table as widgets; :meth:`show` replaces them in place (the figure is
+    an ``Image`` widget's PNG).
+
+    Not an ``Output`` widget with ``display(fig)``: the frontend echoes every change of an Output back to the
+    kernel, which handles the echo on a subshell and then runs the inline backend's flush over the figures still
+    open, drawing the one being displayed at the same time (the transparent figure of JupyterLab 4.6). Here a
+    figure is closed before it is drawn (:func:`figure_png`), calls are serialised, and each call draws the
+    newest state its caller reads. An error is shown where the figure was, as an Output would show it.
+    """
+
+    def __init__(self, caption: str = "") -> None:
+        import ipywidgets as w
+
+        self.caption = w.HTML(value=html.escape(caption))
+        self.image = w.Image(format="png", layout=w.Layout(max_width="100%", height="auto"))
+        self.image.layout.display = "none"
+        self.table = w.HTML()
+        self.widget = w.VBox([self.caption, self.image, self.table])
+        self.lock = threading.RLock()
+
+    def show(self, draw: Callable[[], tuple[plt.Figure, pd.DataFrame | None, str]]) -> None:
+        """Show what ``draw()`` returns: a figure, a table or None, and a caption (HTML). A ValueError from it is
+        shown as a message instead (e.g. a selection that makes no figure)."""
+        with self.lock:
+            try:
+                fig, table, caption = draw()
+                png = figure_png(fig)
+            except ValueError as error:  # a selection that makes no figure: say why
+                self.message(str(error))
+                return
+            except Exception as error:  # a bug: shown, and a training run calling back goes on
+                import traceback
+
+                self.message(f"could not draw: {type(error).__name__}: {error}")
+                self.table.value = f"<pre>{html.escape(traceback.format_exc())}</pre>"
+                return
+            self.caption.value = caption
+            self.image.value = png
+            self.image.layout.display = None
+            self.table.value = "" if table is None else (  # styled as JupyterLab shows a DataFrame
+                '<div class="jp-RenderedHTMLCommon">'
+                + table.to_html().replace("<table ", '<table style="margin-left: 0" ', 1) + "</div>")
+
+    def message(self, text: str) -> None:
+        """Show ``text`` instead of a figure."""
+        with self.lock:
+            self.caption.value = f"<b>{html.escape(text)}</b>"
+            self.image.layout.display = "none"
+            self.table.value = ""
 
 
 def widgets_available() -> bool:
@@ -231,7 +307,7 @@ def draw_matrices(matrices: Sequence[np.ndarray], titles: Sequence[str], suptitl
         matrix = np.asarray(matrix, dtype=float)
         annot = matrix.size <= 160
         sns.heatmap(matrix, ax=ax, annot=annot, fmt=fmt, cbar=False, cmap=cmap, linewidths=0.5, linecolor="white",
-                    annot_kws={"fontsize": 10}, mask=np.isnan(matrix))
+                    annot_kws={"fontsize": 16}, mask=np.isnan(matrix))  # >= 12 pt on screen at 3 panels a row
         ax.set_title(title, fontsize=14)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -305,30 +381,29 @@ def mixture_explorer(model: str = "conv", proportions: dict[str, int] | None = N
     layer_box = w.Dropdown(options=get_family(model).shown_parameters, description="layer")
     sliders = {level: w.IntSlider(value=proportions.get(level, 0), min=0, max=10,
                                   description=f"{level} (r={LEVEL_RATES[level]:g})") for level in LEVEL_NAMES}
-    out = w.Output()
+    view = FigureView()
+
+    def draw() -> tuple[plt.Figure, pd.DataFrame, str]:
+        """The current selection, read inside the view's lock: the last redraw shows the newest state."""
+        chosen, layer = model_box.value, layer_box.value
+        shares = {level: s.value for level, s in sliders.items()}
+        fig, table = mixture_view(chosen, shares, layer, vocab_size)
+        caption = (f"<b>{html.escape(get_family(chosen).display)}</b> ({html.escape(chosen)}), layer "
+                   f"<code>{html.escape(str(layer))}</code>, mixture <code>{html.escape(_mode_of(shares))}</code>")
+        return fig, table, caption
 
     def redraw(*_: Any) -> None:
-        with out:
-            from IPython.display import clear_output
-            clear_output(wait=True)
-            shares = {level: s.value for level, s in sliders.items()}
-            try:
-                fig, table = mixture_view(model_box.value, shares, layer_box.value, vocab_size)
-            except ValueError as error:
-                print(error)
-                return
-            display(table)
-            display(fig)
-            plt.close(fig)
+        view.show(draw)
 
     def new_model(change: dict[str, Any]) -> None:
-        layer_box.options = get_family(change["new"]).shown_parameters  # triggers redraw through layer_box
+        with view.lock:  # no redraw between the new model and its layers
+            layer_box.options = get_family(change["new"]).shown_parameters  # triggers redraw through layer_box
 
     model_box.observe(new_model, names="value")
     for control in (layer_box, *sliders.values()):
         control.observe(redraw, names="value")
     display(w.VBox([w.HBox([model_box, layer_box]), w.HBox(list(sliders.values())[:3]),
-                    w.HBox(list(sliders.values())[3:]), out]))
+                    w.HBox(list(sliders.values())[3:]), view.widget]))
     redraw()
     return None
 

@@ -1,11 +1,12 @@
 """``heterofl reproduce``: execute the staged notebooks with papermill at a profile's scale.
 
     heterofl reproduce --profile smoke                 # every notebook end to end in minutes (CI)
+    heterofl reproduce --profile workshop              # each notebook in at most 4 minutes on a laptop
     heterofl reproduce --profile quick                 # the whole suite on a laptop CPU in about half an hour
     heterofl reproduce --profile paper --only 03,04    # the paper's settings (a GPU; hours to days)
 
-Each notebook gets the profile's parameters injected into its cell tagged
-``parameters``; its executed copy is kept in ``<out>/notebooks``; its runs live
+Each notebook gets the profile's name (and the paths) injected into its cell tagged
+``parameters`` and reads its scale from the profile table (profiles.py); its executed copy is kept in ``<out>/notebooks``; its runs live
 in ``<out>/runs`` (a finished run is read back, an interrupted one continues, so
 running the same command again picks up where it stopped); its figures (PNG,
 PDF and a JSON record each) go to the figures folder. A failing notebook stops
@@ -27,92 +28,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .data import DATA_ROOT_RULE, repo_root, resolve_data_root
+from .profiles import NOTEBOOKS, PROFILES
 from .runs import atomic_write, code_version
 
-NOTEBOOKS = (
-    "00_setup_and_data",
-    "01_width_slicing",
-    "02_aggregation",
-    "03_mnist_cnn",
-    "04_cifar10_resnet18",
-    "05_wikitext2_transformer",
-    "06_ablations",
-    "07_paper_figures",
-)
 KERNEL = "python3"  # `python -m ipykernel install --sys-prefix --name python3` (the Makefile does it)
-ALL_LEVELS = ["a", "b", "c", "d"]  # the interpolation figure's four panels: global model a, b, c, d
-ALL_POINTS = list(range(1, 10))  # x{i}-y{10-i}, i = 1..9
-
-# ----------------------------------------------------------------------------- profiles
-# Per notebook, the parameters injected over its defaults. Training notebooks share the
-# names of experiments.Scale (rounds, local_epochs, num_users, frac, eval_every,
-# sbn_samples, train_samples, test_samples); None keeps the paper's value.
-
-_PAPER = dict(rounds=None, local_epochs=None, num_users=100, frac=0.1, eval_every=1, sbn_samples=0,
-              train_samples=None, test_samples=None)  # None: the paper's value for the dataset
-_SMOKE_MNIST = dict(rounds=1, local_epochs=1, num_users=10, frac=0.2, eval_every=1, sbn_samples=200,
-                    train_samples=500, test_samples=200)
-_SMOKE_CIFAR10 = dict(rounds=1, local_epochs=1, num_users=10, frac=0.2, eval_every=1, sbn_samples=100,
-                      train_samples=200, test_samples=100)
-_SMOKE_TEXT = dict(rounds=1, local_epochs=1, num_users=10, frac=0.2, eval_every=1, sbn_samples=0,
-                   train_samples=1280, test_samples=1280)
-_QUICK_MNIST = dict(rounds=6, local_epochs=1, num_users=10, frac=0.5, eval_every=6, sbn_samples=1000,
-                    train_samples=3000, test_samples=1000)
-_QUICK_CIFAR10 = dict(rounds=5, local_epochs=1, num_users=10, frac=0.5, eval_every=5, sbn_samples=500,
-                      train_samples=1500, test_samples=1000)
-_QUICK_TEXT = dict(rounds=5, local_epochs=1, num_users=10, frac=0.5, eval_every=5, sbn_samples=0,
-                   train_samples=16000, test_samples=5120)
-_TABLE_MODELS = ["a", "a-e", "a-b-c-d-e", "b", "c", "d", "e"]
-
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    # Every notebook end to end in a few minutes: one round, two active clients, tiny subsets,
-    # the cheapest panels (global c, d). Figures exist but say nothing about the method.
-    "smoke": {
-        "00_setup_and_data": dict(show_samples=8),
-        "01_width_slicing": dict(explore_model="conv"),
-        "02_aggregation": dict(toy_width=8),
-        "03_mnist_cnn": dict(**_SMOKE_MNIST, global_levels=["c", "d"], points=[5], curve_eval_every=1,
-                             featured_mode="c5-e5"),
-        "04_cifar10_resnet18": dict(**_SMOKE_CIFAR10, global_levels=["d"], points=[5], curve_eval_every=1,
-                                    featured_mode="d5-e5"),
-        "05_wikitext2_transformer": dict(**_SMOKE_TEXT, global_levels=["d"], points=[5], curve_eval_every=1,
-                                         featured_mode="d5-e5"),
-        "06_ablations": dict(mnist=_SMOKE_MNIST, cifar10=_SMOKE_CIFAR10, mode="d1-e1"),
-        "07_paper_figures": dict(cifar10=_SMOKE_CIFAR10, table_models=["a", "a-e", "e"]),
-    },
-    # The whole suite on a 2-core CPU in under an hour (measured: see README). Same models and
-    # methods; 10 users of which 5 train per round, few rounds, one local epoch,
-    # interpolation points i = 1, 5, 9 (plus x alone), data subsets, sBN statistics and tests on
-    # subsets, evaluation after the last round (learning-curve runs more often).
-    "quick": {
-        "00_setup_and_data": dict(show_samples=16),
-        "01_width_slicing": dict(explore_model="resnet18"),
-        "02_aggregation": dict(toy_width=8),
-        "03_mnist_cnn": dict(**_QUICK_MNIST, global_levels=ALL_LEVELS, points=[1, 5, 9], curve_eval_every=1,
-                             featured_mode="a5-e5"),
-        "04_cifar10_resnet18": dict(**_QUICK_CIFAR10, global_levels=ALL_LEVELS, points=[1, 5, 9],
-                                    curve_eval_every=2, featured_mode="a5-e5"),
-        "05_wikitext2_transformer": dict(**_QUICK_TEXT, global_levels=ALL_LEVELS, points=[1, 5, 9],
-                                         curve_eval_every=2, featured_mode="a5-e5"),
-        "06_ablations": dict(mnist=_QUICK_MNIST, cifar10=_QUICK_CIFAR10, mode="a1-e1"),
-        "07_paper_figures": dict(cifar10=_QUICK_CIFAR10, table_models=_TABLE_MODELS),
-    },
-    # The paper's settings (spec section 7): 100 users, 10 active, the paper's rounds, local epochs and
-    # lr milestones, whole datasets, sBN over the whole training set, evaluation every round, i = 1..9.
-    "paper": {
-        "00_setup_and_data": dict(show_samples=16),
-        "01_width_slicing": dict(explore_model="resnet18"),
-        "02_aggregation": dict(toy_width=8),
-        "03_mnist_cnn": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS, curve_eval_every=1,
-                             featured_mode="a5-e5"),
-        "04_cifar10_resnet18": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS, curve_eval_every=1,
-                                    featured_mode="a5-e5"),
-        "05_wikitext2_transformer": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS,
-                                         curve_eval_every=1, featured_mode="a5-e5"),
-        "06_ablations": dict(mnist=_PAPER, cifar10=_PAPER, mode="a1-e1"),
-        "07_paper_figures": dict(cifar10=_PAPER, table_models=_TABLE_MODELS),
-    },
-}
 
 
 def select(only: Sequence[str] | None) -> list[str]:
@@ -134,11 +53,14 @@ def select(only: Sequence[str] | None) -> list[str]:
 
 
 def notebook_parameters(profile: str, notebook: str, *, data_root: Path, out_dir: Path, figures_dir: Path) -> dict[str, Any]:
-    """The parameters injected into one notebook."""
+    """The parameters injected into one notebook: the profile and the paths. The notebook
+    reads its scale from the profile (profiles.settings)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    if notebook not in NOTEBOOKS:
+        raise ValueError(f"unknown notebook {notebook!r}; valid: {', '.join(NOTEBOOKS)}")
     return {"profile": profile, "data_root": str(data_root), "out_dir": str(out_dir),
-            "figures_dir": str(figures_dir), "interactive": False, **PROFILES[profile][notebook]}
+            "figures_dir": str(figures_dir), "interactive": False}
 
 
 class NotebookFailed(RuntimeError):
@@ -182,7 +104,8 @@ def reproduce(profile: str, only: Sequence[str] | None = None, out: str | os.Pat
               figures: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
               threads: int | None = None, log_output: bool = False) -> dict[str, Any]:
     """Execute the selected notebooks at ``profile``; returns the summary it also writes to
-    ``<out>/reproduce-<profile>.json``. Raises NotebookFailed on the first failing notebook."""
+    ``<out>/reproduction.json`` (per notebook: its status and seconds). Raises NotebookFailed
+    on the first failing notebook."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
     notebooks = select(only)
@@ -197,7 +120,7 @@ def reproduce(profile: str, only: Sequence[str] | None = None, out: str | os.Pat
     if threads is not None:  # inherited by the notebook kernels
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(threads)
-    summary_path = out_dir / f"reproduce-{profile}.json"
+    summary_path = out_dir / "reproduction.json"
     summary: dict[str, Any] = {"profile": profile, "data_root": str(root), "out": str(out_dir),
                                "figures": str(figures_dir), "code_version": code_version(),
                                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
@@ -218,7 +141,7 @@ def reproduce(profile: str, only: Sequence[str] | None = None, out: str | os.Pat
             raise
         took = time.perf_counter() - begin
         summary["notebooks"][notebook] = {"status": "ok", "seconds": round(took, 1), "executed": str(target),
-                                          "parameters": params}
+                                          "settings": dict(PROFILES[profile][notebook])}
         print(f"[{notebook}] done in {took:.0f} s -> {target}", flush=True)
         _write(summary_path, summary)
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -253,13 +176,15 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     """Register ``heterofl reproduce`` on the CLI's subparsers."""
     parser = subparsers.add_parser(
         "reproduce", help="execute the notebooks with papermill and write the paper's figures",
-        description="Executes notebooks/00-07 with a profile's parameters (papermill), keeps the executed copies in "
+        description="Executes notebooks/00-08 at a profile's scale (papermill), keeps the executed copies in "
                     "<out>/notebooks, runs every experiment into <out>/runs (finished runs are read back and "
                     "skipped, interrupted ones continue), and writes the figures (PNG, PDF and a JSON record each) "
-                    "to the figures folder. Profiles: smoke (every notebook in minutes, for CI), quick (the whole "
-                    "suite on a laptop CPU in about half an hour, reduced as each figure says), paper (the paper's "
-                    "settings; a GPU, hours to days).")
-    parser.add_argument("--profile", required=True, choices=sorted(PROFILES), help="smoke, quick or paper")
+                    "to the figures folder. Profiles: smoke (every notebook in minutes, for CI), workshop (each "
+                    "notebook in at most 4 minutes on a 2-core laptop), quick (the figures on a laptop CPU, reduced "
+                    "as each figure says), paper (the paper's settings; a GPU, hours to days).")
+    parser.add_argument("--profile", required=True, choices=list(PROFILES),
+                        help="smoke (CI), workshop (each notebook <= 4 min on a laptop), quick (the figures) "
+                             "or paper (the paper's settings)")
     parser.add_argument("--only", action="append", metavar="NAMES",
                         help="comma-separated notebooks to run: numbers (03), names (03_mnist_cnn) or words (mnist); "
                              "repeatable (default: all, in order)")

@@ -1,14 +1,19 @@
 """Tiny datasets written in the real on-disk formats, shared by the test modules.
 
 - MNIST: the four uncompressed IDX files under ``root/MNIST/raw`` (what ``load_dataset("MNIST", root)`` reads);
-- text: a corpus folder ``root/<name>/{train,valid,test}.tokens`` (what ``load_dataset(name, root)`` reads).
+- text: a corpus folder ``root/<name>/{train,valid,test}.tokens`` (what ``load_dataset(name, root)`` reads);
+  the same lines as Hugging Face parquet files (``write_parquet_corpus``) or as the original
+  ``wikitext-2-v1.zip`` (``write_wikitext_zip``), the layouts ``heterofl data fetch`` produces.
 """
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 # A corpus with a title line, blank line, repeated spaces and an <unk> token (see test_data.py).
 TRAIN = "\n = Title = \n\nthe cat sat\n  the dog  sat on <unk> \n"
@@ -62,3 +67,30 @@ def write_tiny_corpus(root: Path, name: str = "TINY", n_train: int = 600, n_test
     write_corpus(root / name, train=vocabulary + tiny_text(n_train, 1), valid=tiny_text(n_test, 2),
                  test=tiny_text(n_test, 3))
     return root / name
+
+
+def hf_rows(text: str) -> list[str]:
+    """The rows Hugging Face's wikitext builder made of a token file: one per line, the line with its
+    newline, a blank line as "" (Salesforce/wikitext, the script before its parquet conversion)."""
+    return [line if line.strip() else "" for line in io.StringIO(text)]  # lines as iterating the file gives them
+
+
+def write_parquet_corpus(folder: Path, train: str = TRAIN, valid: str = VALID, test: str = TEST,
+                         train_shards: int = 1) -> None:
+    """A corpus as Hugging Face publishes one: ``{train,validation,test}-0000i-of-0000n.parquet``, a ``text`` column."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, text in (("train", train), ("validation", valid), ("test", test)):
+        rows = hf_rows(text)
+        shards = train_shards if split == "train" else 1
+        size = -(-len(rows) // shards)  # rows per shard, rounded up
+        for i in range(shards):
+            part = pd.DataFrame({"text": rows[i * size:(i + 1) * size]})
+            part.to_parquet(folder / f"{split}-{i:05d}-of-{shards:05d}.parquet", index=False)
+
+
+def write_wikitext_zip(path: Path, train: str = TRAIN, valid: str = VALID, test: str = TEST) -> None:
+    """The layout of ``wikitext-2-v1.zip``: members ``wikitext-2/wiki.{train,valid,test}.tokens``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for split, text in (("train", train), ("valid", valid), ("test", test)):
+            z.writestr(f"wikitext-2/wiki.{split}.tokens", text.encode("utf-8"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -11,6 +13,7 @@ import urllib.error
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -29,7 +32,18 @@ from heterofl_core.data import (
     load_dataset,
     resolve_data_root,
 )
-from fakes import TEST, TRAIN, VALID, write_corpus, write_idx  # writers shared with other test modules
+from fakes import (  # writers shared with other test modules
+    TEST,
+    TRAIN,
+    VALID,
+    hf_rows,
+    write_corpus,
+    write_idx,
+    write_parquet_corpus,
+    write_tiny_corpus,
+    write_tiny_mnist,
+    write_wikitext_zip,
+)
 
 SHARED_DATA = Path(
     os.environ.get("HETEROFL_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -474,13 +488,239 @@ def test_wikitext2_download_offline_and_bad_checksum(tmp_path, monkeypatch):
         load_dataset("WikiText2", tmp_path, download=True)
 
     monkeypatch.setattr(data_module.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"not the archive"))
-    with pytest.raises(DataError, match="wikitext-2-v1.zip has MD5 .*, expected 542ccefacc6c27f945fb54453812b3cd"):
+    with pytest.raises(DataError, match="(?s)train-00000-of-00001.parquet has SHA256 .*, expected dfc27e43.*"
+                                       "wikitext-2-v1.zip has MD5 .*, expected 542ccefacc6c27f945fb54453812b3cd"):
         load_dataset("WikiText2", tmp_path, download=True)
     assert not list(tmp_path.iterdir()), "a download that fails its checksum is not kept"
 
-    (tmp_path / "wikitext-2-v1.zip").write_bytes(b"a stale copy")
-    with pytest.raises(DataError, match="wikitext-2-v1.zip has MD5 .*; delete it and download again"):
+    (tmp_path / "WikiText2").mkdir()
+    (tmp_path / "WikiText2" / "wikitext-2-v1.zip").write_bytes(b"a stale copy")
+    with pytest.raises(DataError, match="wikitext-2-v1.zip is not a readable wikitext-2-v1.zip .*; delete it"):
         load_dataset("WikiText2", tmp_path, download=True)
+
+
+# ---------------------------------------------------------------- every layout `heterofl data fetch` produces
+
+
+@pytest.mark.parametrize("layout, kind", [
+    ("parquet", "parquet files"),
+    ("parquet in 2 training shards", "parquet files"),
+    ("zip", "original archive"),
+])
+def test_wikitext2_layouts_give_the_token_files_streams(tmp_path, layout, kind):
+    """Hugging Face's parquet files (one row per line) and the zip read in place give what the .tokens give."""
+    write_corpus(tmp_path / "tokens" / "WikiText2", "wiki.")
+    reference = load_dataset("WikiText2", tmp_path / "tokens", download=False)
+    root = tmp_path / "other"
+    if layout == "zip":
+        write_wikitext_zip(root / "WikiText2" / "wikitext-2-v1.zip")
+    else:
+        write_parquet_corpus(root / "WikiText2", train_shards=2 if "2 training shards" in layout else 1)
+    d = load_dataset("WikiText2", root, download=False)
+    assert d.vocab == reference.vocab and [d.vocab[i] for i in d.train.tolist()] == reference_tokens(TRAIN)
+    for split in ("train", "valid", "test"):
+        assert torch.equal(getattr(d, split), getattr(reference, split)), split
+    assert d.source.startswith(f"WikiText2 ({kind}) at {root / 'WikiText2'}")
+
+
+def test_any_corpus_in_parquet_files_named_by_split(tmp_path):
+    folder = tmp_path / "MyCorpus"
+    folder.mkdir()
+    for split, text in (("train", TRAIN), ("valid", VALID), ("test", TEST)):  # {split}.parquet, "valid" spelled so
+        pd.DataFrame({"text": hf_rows(text)}).to_parquet(folder / f"{split}.parquet")
+    d = load_dataset("MyCorpus", tmp_path, download=False)
+    assert [d.vocab[i] for i in d.valid.tolist()] == ["the", "cat", "<eos>", "<unk>", "sat", "<eos>"]
+    assert d.source == f"MyCorpus (parquet files) at {folder}"
+
+
+def test_parquet_that_is_not_a_text_table_names_the_file(tmp_path):
+    write_parquet_corpus(tmp_path / "Tiny")
+    test_file = tmp_path / "Tiny" / "test-00000-of-00001.parquet"
+    pd.DataFrame({"words": [1, 2]}).to_parquet(test_file)
+    with pytest.raises(DataError, match=r"test-00000-of-00001.parquet has no 'text' column of strings \(its columns: "
+                                        r"words \(int64\)"):
+        load_dataset("Tiny", tmp_path, download=False)
+    test_file.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="test-00000-of-00001.parquet is not a readable parquet file"):
+        load_dataset("Tiny", tmp_path, download=False)
+
+
+# ---------------------------------------------------------------- fetch: the network replaced by fakes
+
+
+def serve(monkeypatch, files: dict[str, bytes]) -> list[str]:
+    """urlopen answering from `files` (URL -> bytes), any other URL unreachable as offline; returns the URLs asked."""
+    asked = []
+
+    def urlopen(request, timeout):
+        asked.append(request.full_url)
+        assert request.get_header("User-agent") == data_module.USER_AGENT  # the mirror refuses urllib's own agent
+        if request.full_url not in files:
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        return io.BytesIO(files[request.full_url])
+
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", urlopen)
+    return asked
+
+
+def with_digests_of(monkeypatch, files: dict[str, bytes]) -> None:
+    """The real WikiText2 sources (URLs, file names, hash kinds), expecting the digests of the fake files."""
+    sources = [(source, [(url, file, algo, hashlib.new(algo, files.get(url, b"")).hexdigest())
+                         for url, file, algo, _ in entries]) for source, entries in data_module.WIKITEXT2_SOURCES]
+    monkeypatch.setattr(data_module, "WIKITEXT2_SOURCES", sources)
+
+
+def test_wikitext2_sources_are_pinned_and_checksummed():
+    (_, parquet), (_, archive) = data_module.WIKITEXT2_SOURCES  # Hugging Face first, then the zip
+    splits = ("train", "validation", "test")
+    assert [file for _, file, _, _ in parquet] == [f"{s}-00000-of-00001.parquet" for s in splits]
+    for url, file, algo, digest in parquet + archive:
+        assert url.startswith("https://") and url.endswith(f"/{file}")
+        assert len(digest) == {"sha256": 64, "md5": 32}[algo] and int(digest, 16) >= 0
+    assert all("/resolve/b08601e04326c79dfdd32d625aee71d232d685c3/wikitext-2-v1/" in url for url, *_ in parquet)
+    assert archive[0][1:3] == ("wikitext-2-v1.zip", "md5")
+
+
+def test_fetch_wikitext2_from_hugging_face(tmp_path, capsys, monkeypatch):
+    write_parquet_corpus(tmp_path / "src")
+    (_, parquet), _ = data_module.WIKITEXT2_SOURCES
+    files = {url: (tmp_path / "src" / file).read_bytes() for url, file, _, _ in parquet}
+    with_digests_of(monkeypatch, files)
+    asked = serve(monkeypatch, files)
+    root = tmp_path / "root"
+    status = data_module.fetch_dataset("WikiText2", root)
+    assert asked == list(files), "the three parquet files, nothing else"
+    assert status == data_module.status_of("WikiText2", root) and status.source == "WikiText2 (parquet files)"
+    assert sorted(os.listdir(root)) == ["WikiText2"], "the staging folder is gone"
+    assert sorted(os.listdir(root / "WikiText2")) == sorted(file for _, file, _, _ in parquet)
+    assert "train-00000-of-00001.parquet" in capsys.readouterr().err, "a progress bar per file"
+    d = load_dataset("WikiText2", root, download=False)
+    assert [d.vocab[i] for i in d.train.tolist()] == reference_tokens(TRAIN)
+
+
+def test_fetch_wikitext2_falls_back_to_the_zip(tmp_path, monkeypatch):
+    write_wikitext_zip(tmp_path / "wikitext-2-v1.zip")
+    (_, parquet), (_, archive) = data_module.WIKITEXT2_SOURCES
+    files = {archive[0][0]: (tmp_path / "wikitext-2-v1.zip").read_bytes()}
+    with_digests_of(monkeypatch, files)
+    asked = serve(monkeypatch, files)
+    d = load_dataset("WikiText2", tmp_path / "root", download=True)  # the loader downloads through the same code
+    assert asked == [parquet[0][0], archive[0][0]], "Hugging Face tried first, then the zip"
+    assert d.source.startswith(f"WikiText2 (original archive) at {tmp_path / 'root' / 'WikiText2'}")
+    assert [d.vocab[i] for i in d.test.tolist()] == ["dog", "<eos>"]
+    assert sorted(os.listdir(tmp_path / "root")) == ["WikiText2"]
+
+
+def test_fetch_offline_exits_2_naming_the_sources_and_what_to_do(tmp_path, monkeypatch, capsys):
+    from heterofl_core.cli import main
+
+    serve(monkeypatch, {})
+    assert main(["data", "fetch", "WikiText2", "--data-root", str(tmp_path), "--quiet"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith("heterofl data: error: WikiText2: could not download it. Tried:\n  1. Hugging Face")
+    for _, entries in data_module.WIKITEXT2_SOURCES:
+        assert f"{entries[0][0]}: <urlopen error [Errno -3] Temporary failure in name resolution>" in err
+    assert f"then copy DIR/WikiText2 to {tmp_path / 'WikiText2'}" in err
+    assert "WikiText2/{train,validation,test}-*.parquet" in err and "$HETEROFL_DATA" in err
+    assert captured.out == "" and list(tmp_path.iterdir()) == [], "nothing half-written is left"
+
+
+def test_fetch_through_torchvision_offline_and_unknown_names(tmp_path, monkeypatch, capsys):
+    from heterofl_core.cli import main
+
+    def offline(self):  # torchvision's message once every mirror failed, several lines
+        raise RuntimeError("Error downloading x.gz:\nTried https://mirror/, got:\n<urlopen error [Errno -3] ...>\n")
+
+    monkeypatch.setattr("torchvision.datasets.MNIST.download", offline)
+    monkeypatch.setattr("torchvision.datasets.CIFAR10.download", offline)
+    assert main(["data", "fetch", "MNIST", "CIFAR10", "SOTU", "--data-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert ("MNIST: could not download it. Tried:\n  1. torchvision.datasets.MNIST: Error downloading x.gz: "
+            "Tried https://mirror/, got: <urlopen error") in err
+    assert f"copy DIR/MNIST to {tmp_path / 'MNIST'}" in err and "MNIST/raw/{train,t10k}" in err
+    assert "CIFAR10: could not download it" in err and f"copy DIR/CIFAR10 to {tmp_path / 'CIFAR10'}" in err
+    assert "No download source for 'SOTU'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_mnist_lands_in_the_loader_layout_once(tmp_path, monkeypatch, capsys):
+    from heterofl_core.cli import main
+
+    monkeypatch.setattr("torchvision.datasets.MNIST.download", lambda self: write_tiny_mnist(Path(self.root)))
+    assert main(["data", "fetch", "MNIST", "--data-root", str(tmp_path)]) == 0
+    size = sum(p.stat().st_size for p in (tmp_path / "MNIST" / "raw").iterdir()) / 1e6
+    assert capsys.readouterr().out == f"MNIST: fetched: MNIST (IDX files), {size:.1f} MB at {tmp_path / 'MNIST'}\n"
+    assert sorted(os.listdir(tmp_path)) == ["MNIST"], "the staging folder is gone"
+    assert load_dataset("MNIST", tmp_path, download=False).train_x.shape == (200, 1, 28, 28)
+
+    monkeypatch.setattr("torchvision.datasets.MNIST.download", lambda self: pytest.fail("downloaded again"))
+    assert main(["data", "fetch", "MNIST", "--data-root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("MNIST: already present: MNIST (IDX files)")
+
+
+# ---------------------------------------------------------------- heterofl data status
+
+
+def test_data_status_lists_each_dataset_without_decoding_it(tmp_path, monkeypatch, capsys):
+    from heterofl_core.cli import main
+
+    root = tmp_path / "root"
+    write_tiny_mnist(root)
+    write_tiny_corpus(root, "TINY")
+    write_parquet_corpus(root / "WikiText2")
+    write_image_folder(tmp_path / "src", ".jpg", np.random.default_rng(0))
+    write_archive(tmp_path / "src", root / "archives" / "cifar10-jpeg.tar.gz")
+    (root / "notes").mkdir()  # not a corpus: not listed
+    loaders = {name: getattr(data_module, name) for name in ("_read_corpus", "_assemble", "_check_idx")}
+    for name in loaders:
+        monkeypatch.setattr(data_module, name, lambda *args: pytest.fail("status decoded a dataset"))
+
+    assert main(["data", "status", "--data-root", str(root), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data_root"] == str(root) and report["rule"] == data_module.DATA_ROOT_RULE
+    rows = {row["name"]: row for row in report["datasets"]}
+    assert list(rows) == ["MNIST", "CIFAR10", "WikiText2", "TINY"]
+    assert rows["MNIST"] == {"name": "MNIST", "found": True, "path": str(root / "MNIST"), "source": "MNIST (IDX files)",
+                             "size_mb": sum(p.stat().st_size for p in (root / "MNIST" / "raw").iterdir()) / 1e6}
+    archive = root / "archives" / "cifar10-jpeg.tar.gz"
+    assert (rows["CIFAR10"]["path"], rows["CIFAR10"]["size_mb"]) == (str(archive), archive.stat().st_size / 1e6)
+    assert rows["CIFAR10"]["source"] == "CIFAR-10 offline JPEG copy (lossy re-encoding)"
+    assert (rows["WikiText2"]["source"], rows["TINY"]["source"]) == ("WikiText2 (parquet files)", "TINY (token files)")
+
+    assert main(["data", "status", "--data-root", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"data root: {root}" and data_module.DATA_ROOT_RULE in lines[1]
+    assert lines[3].split() == ["dataset", "found", "MB", "source", "path"]
+    assert lines[6].split() == ["WikiText2", "yes", f"{rows['WikiText2']['size_mb']:.1f}", "WikiText2", "(parquet",
+                                "files)", str(root / "WikiText2")]
+    assert len(lines) == 8, "no 'missing:' line when everything is there"
+
+    for name, loader in loaders.items():  # the label status shows is the loader's
+        monkeypatch.setattr(data_module, name, loader)
+    for row in rows.values():
+        data = load_dataset(row["name"], root, download=False, cache_dir=tmp_path / "cache")
+        assert data.source.startswith(row["source"]), (data.source, row["source"])
+
+
+def test_data_status_of_an_empty_root_says_how_to_get_each(tmp_path, capsys):
+    from heterofl_core.cli import main
+
+    assert main(["data", "status", "--data-root", str(tmp_path / "none")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines[4:7]] == [[name, "no", "-"] for name in data_module.FETCHABLE]
+    assert lines[4].endswith(str(tmp_path / "none" / "MNIST"))
+    assert lines[7].startswith("missing: heterofl data fetch MNIST CIFAR10 WikiText2")
+
+
+def test_data_commands_say_the_data_root_rule():
+    from heterofl_core.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    actions = next(a for a in commands["data"]._actions if a.dest == "action").choices
+    for name in ("status", "fetch"):
+        (option,) = [a for a in actions[name]._actions if "--data-root" in a.option_strings]
+        assert data_module.DATA_ROOT_RULE in option.help, name
 
 
 # ---------------------------------------------------------------- the data root: one rule for every command

@@ -1,9 +1,10 @@
 """The CI check of the notebooks: every notebook runs end to end through papermill with the smoke
-profile's injected parameters, and the figures with their records appear.
+profile injected, and the figures with their records appear.
 
-Also: the committed notebooks are clean (no outputs, one `parameters` cell, asserts at the end), every
-profile parameter names a notebook parameter, the paper profile is the paper's settings, a re-run reads
-finished runs back, and a failing notebook is reported with its cell and error.
+Also: the committed notebooks are clean (no outputs, one `parameters` cell, asserts at the end), only the
+profile and the paths are injected (each notebook reads its scale from heterofl_core.profiles, which refuses
+unknown settings), the paper profile is the paper's settings, a re-run reads finished runs back, and a
+failing notebook is reported with its cell and error.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import nbformat
 import papermill
 import pytest
 
+from heterofl_core import profiles
 from heterofl_core import reproduce as rp
 from heterofl_core.cli import main
 from heterofl_core.config import parse_control
@@ -56,31 +58,54 @@ def test_committed_notebook_is_clean(notebook: str) -> None:
 
 
 @pytest.mark.parametrize("profile", sorted(rp.PROFILES))
-def test_profile_parameters_exist_in_the_notebooks(profile: str) -> None:
+def test_only_the_profile_and_the_paths_are_injected(profile: str) -> None:
     for notebook in rp.NOTEBOOKS:
-        injected = set(rp.notebook_parameters(profile, notebook, data_root=Path("d"), out_dir=Path("o"),
-                                              figures_dir=Path("f")))
-        missing = injected - parameter_names(notebook)
+        injected = rp.notebook_parameters(profile, notebook, data_root=Path("d"), out_dir=Path("o"),
+                                          figures_dir=Path("f"))
+        assert injected == {"profile": profile, "data_root": "d", "out_dir": "o", "figures_dir": "f",
+                            "interactive": False}, "the scale comes from the profile table, not from injection"
+        missing = set(injected) - parameter_names(notebook)
         assert not missing, f"{profile} injects {sorted(missing)} that {notebook} does not declare"
+        assert profiles.settings(profile, notebook).profile == profile, f"{notebook} has settings at {profile}"
+    with pytest.raises(ValueError, match="unknown notebook"):
+        rp.notebook_parameters(profile, "03_mnist_cnn", data_root=Path("d"), out_dir=Path("o"), figures_dir=Path("f"))
+
+
+def test_settings_take_overrides_and_refuse_unknown_names() -> None:
+    assert profiles.settings("workshop", "04_mnist_cnn", rounds=3).scale.rounds == 3
+    assert profiles.settings("workshop", "07_ablations", seed=1).seed == 1
+    with pytest.raises(ValueError, match="no setting 'round'"):
+        profiles.settings("workshop", "04_mnist_cnn", round=3)
+    with pytest.raises(ValueError, match="unknown profile"):
+        profiles.settings("huge", "04_mnist_cnn")
+    with pytest.raises(ValueError, match="unknown notebook"):
+        profiles.settings("smoke", "06_ablations")
+    with pytest.raises(ValueError, match="unknown scale settings"):
+        Scale.from_params(rounds=1, points=[5])
 
 
 def test_paper_profile_is_the_papers_settings() -> None:
-    params = rp.PROFILES["paper"]
-    for notebook, dataset in (("03_mnist_cnn", "MNIST"), ("04_cifar10_resnet18", "CIFAR10"),
-                              ("05_wikitext2_transformer", "WikiText2")):
-        scale = Scale.from_params(**params[notebook])
-        control = scale.control("a1-e1")
+    for notebook, dataset in (("04_mnist_cnn", "MNIST"), ("05_cifar10_resnet18", "CIFAR10"),
+                              ("06_wikitext2_transformer", "WikiText2")):
+        settings = profiles.settings("paper", notebook)
+        control = settings.scale.control("a1-e1")
+        assert settings.scale.config(dataset, control) == parse_control(control, dataset)
+        assert settings.scale.reductions(dataset) == [], f"{dataset}: paper profile reduces nothing"
+        assert settings.points == list(range(1, 10)) and settings.global_levels == list("abcd")
+    ablation = profiles.settings("paper", "07_ablations")
+    assert ablation.mode == "a1-e1", "the paper ablates a-e"
+    for values, dataset in ((ablation.mnist, "MNIST"), (ablation.cifar10, "CIFAR10")):
+        scale = Scale.from_params(**values)
+        control = scale.control("a1-e1", split="non-iid-2", model_split="dynamic")
         assert scale.config(dataset, control) == parse_control(control, dataset)
-        assert scale.reductions(dataset) == [], f"{dataset}: paper profile reduces nothing"
-        assert params[notebook]["points"] == list(range(1, 10)) and params[notebook]["global_levels"] == list("abcd")
-    for key, dataset in (("mnist", "MNIST"), ("cifar10", "CIFAR10")):
-        scale = Scale.from_params(**params["06_ablations"][key])
-        control = scale.control("a1-e1", split="non-iid-2")
-        assert scale.config(dataset, control) == parse_control(control, dataset)
+        assert scale.reductions(dataset, "non-iid-2") == [], f"{dataset} ablation: paper profile reduces nothing"
+    table = profiles.settings("paper", "08_paper_figures")
+    assert Scale.from_params(**table.cifar10).reductions("CIFAR10") == [] and table.table_models == [
+        "a", "a-e", "a-b-c-d-e", "b", "c", "d", "e"], "the paper's CIFAR10 table, its rows"
 
 
 def test_only_selects_notebooks_and_refuses_unknown_names() -> None:
-    assert rp.select(["03,mnist", "7"]) == ["03_mnist_cnn", "07_paper_figures"]
+    assert rp.select(["04,mnist", "8"]) == ["04_mnist_cnn", "08_paper_figures"]
     assert rp.select(None) == list(rp.NOTEBOOKS)
     with pytest.raises(ValueError, match="unknown notebook"):
         rp.select(["nope"])
@@ -143,10 +168,10 @@ def test_rerun_reads_finished_runs_back(smoke: tuple[Path, dict]) -> None:
     metrics = sorted((out / "runs" / "MNIST").glob("*/metrics.csv"))
     assert metrics
     before = {p: p.stat().st_mtime_ns for p in metrics}
-    summary = rp.reproduce("smoke", only=["03"], out=out, data_root=DATA)
-    assert summary["notebooks"]["03_mnist_cnn"]["status"] == "ok"
+    summary = rp.reproduce("smoke", only=["04"], out=out, data_root=DATA)
+    assert summary["notebooks"]["04_mnist_cnn"]["status"] == "ok"
     assert {p: p.stat().st_mtime_ns for p in metrics} == before, "finished runs are not trained again"
-    executed = nbformat.read(out / "notebooks" / "03_mnist_cnn.ipynb", as_version=4)
+    executed = nbformat.read(out / "notebooks" / "04_mnist_cnn.ipynb", as_version=4)
     assert "(cached)" in "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
 
 
@@ -161,11 +186,11 @@ def test_smoke_never_writes_into_the_committed_figures(tmp_path: Path, monkeypat
 @pytest.mark.slow
 @needs_data
 def test_a_failing_notebook_names_the_cell_and_the_error(tmp_path: Path) -> None:
-    params = rp.notebook_parameters("smoke", "03_mnist_cnn", data_root=DATA, out_dir=tmp_path,
+    params = rp.notebook_parameters("smoke", "04_mnist_cnn", data_root=DATA, out_dir=tmp_path,
                                     figures_dir=tmp_path / "figures")
-    params["global_levels"] = ["z"]  # not a level: the grid cell raises
+    params["overrides"] = {"global_levels": ["z"]}  # not a level: the grid cell raises
     with pytest.raises(rp.NotebookFailed) as failure:
-        rp.execute("03_mnist_cnn", params, tmp_path)
+        rp.execute("04_mnist_cnn", params, tmp_path)
     message = str(failure.value)
-    assert "03_mnist_cnn.ipynb failed in cell" in message and "ValueError" in message and "'z'" in message
-    assert (tmp_path / "notebooks" / "03_mnist_cnn.ipynb").exists(), "the executed copy is kept"
+    assert "04_mnist_cnn.ipynb failed in cell" in message and "ValueError" in message and "'z'" in message
+    assert (tmp_path / "notebooks" / "04_mnist_cnn.ipynb").exists(), "the executed copy is kept"

@@ -1,0 +1,83 @@
+"""``heterofl data``: which datasets are where (``status``) and downloading them (``fetch``).
+
+Both read and write the data root of every other command (``resolve_data_root``). A fetch that
+cannot reach any source (offline) ends, like every bad input, with its message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from .data import DATA_ROOT_RULE, FETCHABLE, DataError, DatasetStatus, dataset_status, fetch_dataset, \
+    resolve_data_root, status_of
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Register ``heterofl data status`` and ``heterofl data fetch``."""
+    data = commands.add_parser("data", help="which datasets are present (status), download them (fetch)",
+                               description="Datasets under the data root: `status` lists each one (found or not, "
+                                           "where, what, how big) without decoding anything; `fetch` downloads "
+                                           f"{', '.join(FETCHABLE)} in a layout the loaders read.")
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    status = actions.add_parser("status", help="each dataset: found or not, where, its source and size")
+    status.add_argument("--data-root", metavar="DIR", help=f"where datasets live ({DATA_ROOT_RULE})")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.set_defaults(handler=_cmd_status)
+
+    fetch = actions.add_parser("fetch", help="download datasets into the data root (needs internet)",
+                               description="MNIST and CIFAR10 through torchvision (MD5-checked); WikiText2 from "
+                                           "Hugging Face (Salesforce/wikitext, wikitext-2-v1 parquet, SHA-256-"
+                                           "checked), else wikitext-2-v1.zip from its author's mirror (MD5-checked). "
+                                           "A dataset already present is left as it is. Without internet: exit "
+                                           "code 2 and what to do instead.")
+    fetch.add_argument("names", nargs="+", metavar="NAME", help=f"any of {', '.join(FETCHABLE)}")
+    fetch.add_argument("--data-root", metavar="DIR", help=f"where datasets live ({DATA_ROOT_RULE})")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bar for WikiText2's downloads")
+    fetch.set_defaults(handler=_cmd_fetch)
+
+
+def format_status(rows: list[DatasetStatus]) -> str:
+    """One line per dataset: name, found, MB, source, path; then how to get the missing ones."""
+    table = [("dataset", "found", "MB", "source", "path")]
+    table += [(r.name, "yes" if r.found else "no", f"{r.size_mb:.1f}" if r.found else "-", r.source or "-",
+               str(r.path)) for r in rows]
+    w = [max(len(row[i]) for row in table) for i in range(4)]
+    lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}  {d:<{w[3]}}  {e}" for a, b, c, d, e in table]
+    missing = [r.name for r in rows if not r.found]
+    if missing:
+        lines.append(f"missing: heterofl data fetch {' '.join(missing)}   (needs internet; or copy the files to "
+                     "the path shown)")
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    root = resolve_data_root(args.data_root)
+    rows = dataset_status(root)
+    if args.json:
+        records = [{**dataclasses.asdict(r), "path": str(r.path)} for r in rows]
+        print(json.dumps({"data_root": str(root), "rule": DATA_ROOT_RULE, "datasets": records}, indent=2))
+    else:
+        print(f"data root: {root}\n  rule: --data-root when given; {DATA_ROOT_RULE}\n")
+        print(format_status(rows))
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    root = resolve_data_root(args.data_root)
+    failures = []
+    for name in args.names:
+        if (before := status_of(name, root)).found:
+            print(f"{name}: already present: {before.source}, {before.size_mb:.1f} MB at {before.path}")
+            continue
+        try:
+            after = fetch_dataset(name, root, progress=not args.quiet)
+        except DataError as error:  # one dataset failing does not stop the others
+            failures.append(str(error))
+            continue
+        print(f"{name}: fetched: {after.source}, {after.size_mb:.1f} MB at {after.path}")
+    if failures:
+        raise DataError("\n\n".join(failures))
+    return 0

@@ -1,0 +1,177 @@
+"""Profiles: the scale every notebook runs at, from one table.
+
+A notebook's ``profile`` parameter alone selects its scale, whether it is set by
+hand in JupyterLab or injected by ``heterofl reproduce``: the notebook asks
+:func:`settings` for everything that depends on it. ``overrides`` change single
+settings; a name the notebook does not have is refused.
+
+- ``smoke``: every notebook end to end in minutes (CI); the numbers mean nothing.
+- ``workshop``: every notebook in at most 4 minutes on a 2-core laptop CPU, still
+  showing the effect it teaches (its closing asserts check that effect).
+- ``quick``: the figures on a laptop CPU, reduced as each figure says.
+- ``paper``: the paper's settings (spec section 7); a GPU, hours to days.
+
+Training notebooks share the names of :class:`~heterofl_core.experiments.Scale`
+(rounds, local_epochs, num_users, frac, eval_every, sbn_samples, train_samples,
+test_samples); ``None`` keeps the paper's value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Iterator
+
+NOTEBOOKS = (
+    "00_setup_and_data",
+    "01_width_slicing",
+    "02_aggregation",
+    "03_one_round_by_hand",
+    "04_mnist_cnn",
+    "05_cifar10_resnet18",
+    "06_wikitext2_transformer",
+    "07_ablations",
+    "08_paper_figures",
+)
+ALL_LEVELS = ["a", "b", "c", "d"]  # the interpolation figure's four panels: global model a, b, c, d
+ALL_POINTS = list(range(1, 10))  # x{i}-y{10-i}, i = 1..9
+TABLE_MODELS = ["a", "a-e", "a-b-c-d-e", "b", "c", "d", "e"]
+
+_PAPER = dict(rounds=None, local_epochs=None, num_users=100, frac=0.1, eval_every=1, sbn_samples=0,
+              train_samples=None, test_samples=None)  # None: the paper's value for the dataset
+_SMOKE_MNIST = dict(rounds=1, local_epochs=1, num_users=10, frac=0.2, eval_every=1, sbn_samples=200,
+                    train_samples=500, test_samples=200)
+_SMOKE_CIFAR10 = dict(rounds=1, local_epochs=1, num_users=10, frac=0.2, eval_every=1, sbn_samples=100,
+                      train_samples=200, test_samples=100)
+_SMOKE_TEXT = dict(rounds=1, local_epochs=1, num_users=10, frac=0.2, eval_every=1, sbn_samples=0,
+                   train_samples=1280, test_samples=1280)
+_WORKSHOP_MNIST = dict(rounds=4, local_epochs=1, num_users=10, frac=0.5, eval_every=4, sbn_samples=2000,
+                       train_samples=6000, test_samples=2000)
+_WORKSHOP_CIFAR10 = dict(rounds=3, local_epochs=1, num_users=10, frac=0.5, eval_every=3, sbn_samples=500,
+                         train_samples=2000, test_samples=1000)
+_WORKSHOP_TEXT = dict(rounds=2, local_epochs=1, num_users=10, frac=0.5, eval_every=2, sbn_samples=0,
+                      train_samples=16000, test_samples=2560)  # text steps cost the same at every width
+# The ablation at workshop scale: MNIST only (8 runs of mixture c-e); enough for sBN's effect (notebook 07).
+_WORKSHOP_ABLATION_MNIST = dict(rounds=4, local_epochs=1, num_users=10, frac=0.5, eval_every=4, sbn_samples=2000,
+                                train_samples=4000, test_samples=2000)
+_QUICK_MNIST = dict(rounds=6, local_epochs=1, num_users=10, frac=0.5, eval_every=6, sbn_samples=1000,
+                    train_samples=3000, test_samples=1000)
+_QUICK_CIFAR10 = dict(rounds=5, local_epochs=1, num_users=10, frac=0.5, eval_every=5, sbn_samples=500,
+                      train_samples=1500, test_samples=1000)
+_ONE_ROUND = dict(rounds=1, eval_every=1, split="non-iid-2")  # 03: one round, two classes per user (masking at work)
+_QUICK_TEXT = dict(rounds=5, local_epochs=1, num_users=10, frac=0.5, eval_every=5, sbn_samples=0,
+                   train_samples=16000, test_samples=5120)
+
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "smoke": {
+        "00_setup_and_data": dict(show_samples=8),
+        "01_width_slicing": dict(explore_model="conv"),
+        "02_aggregation": dict(toy_width=8),
+        "03_one_round_by_hand": {**_SMOKE_MNIST, **_ONE_ROUND, "mode": "c1-e1"},
+        "04_mnist_cnn": dict(**_SMOKE_MNIST, global_levels=["c", "d"], points=[5], curve_eval_every=1,
+                             featured_mode="c5-e5"),
+        "05_cifar10_resnet18": dict(**_SMOKE_CIFAR10, global_levels=["d"], points=[5], curve_eval_every=1,
+                                    featured_mode="d5-e5"),
+        "06_wikitext2_transformer": dict(**_SMOKE_TEXT, global_levels=["d"], points=[5], curve_eval_every=1,
+                                         featured_mode="d5-e5"),
+        "07_ablations": dict(mnist=_SMOKE_MNIST, cifar10=_SMOKE_CIFAR10, mode="d1-e1", seed=0),
+        "08_paper_figures": dict(cifar10=_SMOKE_CIFAR10, table_models=["a", "a-e", "e"], seed=0),
+    },
+    # A room of laptops: each notebook at most 4 minutes on 2 cores. MNIST on a tenth of its training set
+    # for a few rounds is enough to see the widths order the accuracy; CIFAR10 and text show the recipe runs.
+    "workshop": {
+        "00_setup_and_data": dict(show_samples=16),
+        "01_width_slicing": dict(explore_model="conv"),
+        "02_aggregation": dict(toy_width=8),
+        "03_one_round_by_hand": {**_WORKSHOP_MNIST, **_ONE_ROUND, "sbn_samples": 1000, "test_samples": 1000,
+                                 "mode": "a1-e1"},  # the round runs twice (by hand, then run_experiment)
+        "04_mnist_cnn": dict(**_WORKSHOP_MNIST, global_levels=["c"], points=[1, 5], curve_eval_every=1,
+                             featured_mode="c5-e5"),  # c alone beats c1-e9, in about a minute of training
+        "05_cifar10_resnet18": dict(**_WORKSHOP_CIFAR10, global_levels=["c"], points=[5], curve_eval_every=1,
+                                    featured_mode="c5-e5"),
+        "06_wikitext2_transformer": dict(**_WORKSHOP_TEXT, global_levels=["c"], points=[5], curve_eval_every=1,
+                                         featured_mode="c5-e5"),
+        "07_ablations": dict(mnist=_WORKSHOP_ABLATION_MNIST, cifar10=None, mode="c1-e1", seed=0),  # CIFAR10: too slow
+        "08_paper_figures": dict(cifar10=_WORKSHOP_CIFAR10, table_models=["c", "d", "e"], seed=0),  # a: too slow
+    },
+    # The whole suite on a 2-core CPU in under an hour (measured: see README). Same models and
+    # methods; 10 users of which 5 train per round, few rounds, one local epoch,
+    # interpolation points i = 1, 5, 9 (plus x alone), data subsets, sBN statistics and tests on
+    # subsets, evaluation after the last round (learning-curve runs more often).
+    "quick": {
+        "00_setup_and_data": dict(show_samples=16),
+        "01_width_slicing": dict(explore_model="resnet18"),
+        "02_aggregation": dict(toy_width=8),
+        "03_one_round_by_hand": {**_QUICK_MNIST, **_ONE_ROUND, "mode": "a1-e1"},
+        "04_mnist_cnn": dict(**_QUICK_MNIST, global_levels=ALL_LEVELS, points=[1, 5, 9], curve_eval_every=1,
+                             featured_mode="a5-e5"),
+        "05_cifar10_resnet18": dict(**_QUICK_CIFAR10, global_levels=ALL_LEVELS, points=[1, 5, 9],
+                                    curve_eval_every=2, featured_mode="a5-e5"),
+        "06_wikitext2_transformer": dict(**_QUICK_TEXT, global_levels=ALL_LEVELS, points=[1, 5, 9],
+                                         curve_eval_every=2, featured_mode="a5-e5"),
+        "07_ablations": dict(mnist=_QUICK_MNIST, cifar10=_QUICK_CIFAR10, mode="a1-e1", seed=0),
+        "08_paper_figures": dict(cifar10=_QUICK_CIFAR10, table_models=TABLE_MODELS, seed=0),
+    },
+    # The paper's settings (spec section 7): 100 users, 10 active, the paper's rounds, local epochs and
+    # lr milestones, whole datasets, sBN over the whole training set, evaluation every round, i = 1..9.
+    "paper": {
+        "00_setup_and_data": dict(show_samples=16),
+        "01_width_slicing": dict(explore_model="resnet18"),
+        "02_aggregation": dict(toy_width=8),
+        "03_one_round_by_hand": {**_PAPER, **_ONE_ROUND, "mode": "a1-e1"},
+        "04_mnist_cnn": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS, curve_eval_every=1,
+                             featured_mode="a5-e5"),
+        "05_cifar10_resnet18": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS, curve_eval_every=1,
+                                    featured_mode="a5-e5"),
+        "06_wikitext2_transformer": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS,
+                                         curve_eval_every=1, featured_mode="a5-e5"),
+        "07_ablations": dict(mnist=_PAPER, cifar10=_PAPER, mode="a1-e1", seed=0),
+        "08_paper_figures": dict(cifar10=_PAPER, table_models=TABLE_MODELS, seed=0),
+    },
+}
+
+
+class Settings(Mapping[str, Any]):
+    """One notebook's settings at one profile: ``settings.rounds``, ``settings["rounds"]``,
+    and ``settings.scale`` for a training notebook."""
+
+    def __init__(self, profile: str, notebook: str, values: dict[str, Any]) -> None:
+        self.profile, self.notebook, self._values = profile, notebook, dict(values)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"{self.notebook} has no setting {name!r}; it has: {', '.join(self._values)}") from None
+
+    @property
+    def scale(self) -> Any:
+        """The training scale (experiments.Scale) of a training notebook."""
+        from .experiments import Scale
+        return Scale.from_params(**{k: v for k, v in self._values.items() if k in Scale.__dataclass_fields__})
+
+    def __repr__(self) -> str:
+        return f"Settings({self.profile!r}, {self.notebook!r}, {self._values!r})"
+
+
+def settings(profile: str, notebook: str, **overrides: Any) -> Settings:
+    """The settings of ``notebook`` at ``profile``, with ``overrides`` on top (names it has only)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    if notebook not in PROFILES[profile]:
+        raise ValueError(f"unknown notebook {notebook!r}; valid: {', '.join(NOTEBOOKS)}")
+    values = PROFILES[profile][notebook]
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise ValueError(f"{notebook} has no setting {', '.join(map(repr, unknown))}; it has: {', '.join(values)}")
+    return Settings(profile, notebook, {**values, **overrides})
