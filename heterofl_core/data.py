@@ -285,12 +285,7 @@ def _load_mnist(root: Path, download: bool) -> ImageData:
     if not all(p.is_file() for p in paths):
         how = (f"`heterofl data fetch MNIST` or download enabled (needs internet), or copy the four IDX files "
                f"there. {ROOT_HINT}")
-        if not download:
-            raise _missing("MNIST", paths, MNIST_LAYOUT, how)
-        try:
-            _fetch_with_torchvision("MNIST", root)
-        except FetchError as e:
-            raise _missing("MNIST", paths, MNIST_LAYOUT, how, cause=e.summary) from e
+        _download_or_refuse("MNIST", root, download, paths, MNIST_LAYOUT, how)
     counts = {f: _check_idx(raw / f, magic, ndim)[0] for f, (magic, ndim) in MNIST_FILES.items()}
     for split in ("train", "t10k"):
         if counts[f"{split}-images-idx3-ubyte"] != counts[f"{split}-labels-idx1-ubyte"]:
@@ -370,12 +365,7 @@ def _load_cifar10(root: Path, download: bool, cache_dir: Path) -> ImageData:
         ]
         how = (f"`heterofl data fetch CIFAR10` or download enabled (needs internet), or provide one of these "
                f"layouts under {root}. {ROOT_HINT}")
-        if not download:
-            raise _missing("CIFAR10", looked, CIFAR10_LAYOUT, how)
-        try:
-            _fetch_with_torchvision("CIFAR10", root)
-        except FetchError as e:
-            raise _missing("CIFAR10", looked, CIFAR10_LAYOUT, how, cause=e.summary) from e
+        _download_or_refuse("CIFAR10", root, download, looked, CIFAR10_LAYOUT, how)
         found = ("batches", folder / "cifar-10-batches-py")
 
     kind, path = found
@@ -815,6 +805,17 @@ def _fetch_wikitext2(root: Path, progress: bool) -> None:
                 os.replace(stage / file, root / "WikiText2" / file)
             return
     raise FetchError("WikiText2", root, attempts)
+
+
+def _download_or_refuse(name: str, root: Path, download: bool, looked: list, layout: str, how: str) -> None:
+    """Fetch a missing image dataset through torchvision when ``download`` allows, else refuse
+    with a message naming where it looked, the layout and how to get it."""
+    if not download:
+        raise _missing(name, looked, layout, how)
+    try:
+        _fetch_with_torchvision(name, root)
+    except FetchError as e:
+        raise _missing(name, looked, layout, how, cause=e.summary) from e
 
 
 def _fetch_with_torchvision(name: str, root: Path) -> None:
