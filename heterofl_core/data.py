@@ -807,7 +807,8 @@ def _fetch_wikitext2(root: Path, progress: bool) -> None:
     raise FetchError("WikiText2", root, attempts)
 
 
-def _download_or_refuse(name: str, root: Path, download: bool, looked: Iterable[Path | str], layout: list[str], how: str) -> None:
+def _download_or_refuse(name: str, root: Path, download: bool, looked: Iterable[Path | str], layout: list[str],
+                        how: str) -> None:
     """Fetch a missing image dataset through torchvision when ``download`` allows, else refuse
     with a message naming where it looked, the layout and how to get it."""
     if not download:
