@@ -47,7 +47,7 @@ def select(only: Sequence[str] | None) -> list[str]:
                 or (not token.isdigit() and token.lower() in nb.lower())]
         if not hits:
             raise ValueError(f"unknown notebook {token!r}; valid: {', '.join(NOTEBOOKS)} "
-                             f"(or their numbers 00-07, or a word such as mnist)")
+                             f"(or their numbers 00-08, or a word such as mnist)")
         wanted.update(hits)
     return [nb for nb in NOTEBOOKS if nb in wanted]
 
