@@ -40,6 +40,7 @@ from .aggregation import aggregate, aggregate_plain
 from .cohort import CohortRule, grouped_model, train_cohort
 from .config import LEVEL_RATES, assign_fixed_levels, parse_control, parse_model_mode
 from .data import DATA_ROOT_RULE, ImageData, load_dataset
+from .families import WIKITEXT2_VOCAB
 from .federated import Federation, default_eval_batch_size, resolve_device
 from .losses import label_mask
 from .models import build_model
@@ -51,7 +52,6 @@ PAPER_CONTROL = "1_100_0.1_iid_fix_a1-e1_bn_1_1"
 MIXTURES = ("a1-e1", "a1-b1-c1-d1-e1")
 CLIENTS = 10
 COHORT_CLIENTS = 5
-WIKITEXT2_VOCAB = 33278
 WIKITEXT2_TOKENS_PER_USER = 20_886  # 2,088,628 training tokens over 100 users
 TARGETS = {"aggregate_vs_memcpy_max": 3.0, "aggregate_speedup_vs_plain_min": 30.0, "round_over_training_max": 1.25}
 TARGET_FAMILIES = ("resnet18", "transformer")

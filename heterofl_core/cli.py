@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--mode", default="a-b-c-d-e",
                        help="levels with optional proportions, e.g. a-b-c-d-e or a2-b8 (default a-b-c-d-e)")
     sizes.add_argument("--vocab-size", type=int,
-                       help="vocabulary of a text family (default: its paper corpus's, 33278 for WikiText2; "
+                       help="vocabulary of a text family (default: its paper corpus's, 33279 for WikiText2, the authors' vocabulary; "
                             "the mask token is added)")
     sizes.add_argument("--resnet-blocks", type=int, nargs=4, default=[1, 1, 1, 2], metavar="N",
                        help="blocks per ResNet18 stage (default 1 1 1 2, the paper's; the authors' later code: 2 2 2 2)")

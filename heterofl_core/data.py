@@ -58,6 +58,7 @@ EOS = "<eos>"
 UNK = "<unk>"
 SPLITS = ("train", "valid", "test")
 ROOT_HINT = "Point --data-root (or the HETEROFL_DATA environment variable) at a folder with that layout."
+DATA_ROOT_LABEL = "<data root>"  # stands for the data root in the sources shown beside results
 
 # WikiText-2 (Merity et al., "Pointer Sentinel Mixture Models", 2016), word level, as released in
 # wikitext-2-v1.zip. Its original address (s3.amazonaws.com/research.metamind.io) refuses downloads
@@ -237,14 +238,17 @@ def load_dataset(
     """Load MNIST, CIFAR10 or a word-level text corpus (any other name: the folder data_root/<name>)."""
     root = resolve_data_root(data_root)
     if name == "MNIST":
-        return _load_mnist(root, download)
-    if name == "CIFAR10":
-        return _load_cifar10(root, download, _resolve_cache_dir(cache_dir))
-    if not name or name.startswith(".") or "/" in name or os.sep in name:
+        data = _load_mnist(root, download)
+    elif name == "CIFAR10":
+        data = _load_cifar10(root, download, _resolve_cache_dir(cache_dir))
+    elif not name or name.startswith(".") or "/" in name or os.sep in name:
         raise DataError(
             f"Unknown dataset name {name!r}: use MNIST, CIFAR10, WikiText2 or the name of a text corpus folder."
         )
-    return _load_text(name, root, download)
+    else:
+        data = _load_text(name, root, download)
+    # The source is shown beside results and written into records others read: no machine's absolute path.
+    return replace(data, source=data.source.replace(str(root), DATA_ROOT_LABEL))
 
 
 def _missing(name: str, looked: Iterable[Path | str], layout: list[str], how: str, cause: str = "") -> DataError:

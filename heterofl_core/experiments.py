@@ -4,10 +4,10 @@ A notebook says what it wants (the interpolation grid of a dataset, the CIFAR10
 table, the ablation) at the scale its profile asks for; this module turns that
 into configs and runs them. Every run is a run folder (runs.py) under
 
-    <runs>/<dataset>/<control>-<key>/     key = hash of (config, data subset)
+    <runs>/<dataset>/<control>-<key>/     key = hash of (config, data subset, results version)
 
 so a finished run is read back without training, an interrupted one continues
-from its checkpoint, and a changed config or subset gets a folder of its own.
+from its checkpoint, and a changed config, subset or result-making code gets a folder of its own.
 
 Scale: the paper's settings (spec section 7) come from ``parse_control``; a
 :class:`Scale` replaces the few fields a cheaper profile shrinks (rounds,
@@ -36,8 +36,8 @@ from .config import LEVEL_RATES, ExperimentConfig, format_model_mode, paper_pres
 from .data import ImageData, TextData, load_dataset, repo_root, resolve_data_root
 from .families import family_for_dataset, get_family
 from .federated import RoundCallback, run_experiment
-from .runs import read_metrics
-from .sizes import DEFAULT_VOCAB_SIZE, mixture_sizes
+from .runs import read_metrics, results_version
+from .sizes import DEFAULT_VOCAB_SIZE, human, mixture_sizes
 
 LEVELS = tuple(LEVEL_RATES)  # a, b, c, d, e: widest first
 PAPER_USERS = 100
@@ -211,6 +211,27 @@ class Scale:
         return out
 
 
+    def banner(self, profile: str, dataset: str, seeds: int = 1, panels: Sequence[str] | None = None,
+               data_split: str = "iid") -> str:
+        """The profile and its main cuts in a few words, for a figure's banner, e.g.
+        "quick: 8 of 200 rounds, 1 of 5 local epochs, 3 seeds"; :meth:`reductions` has them all."""
+        paper = paper_preset(dataset, data_split)
+        parts = []
+        if self.rounds is not None and self.rounds != paper["rounds"]:
+            parts.append(f"{self.rounds} of {paper['rounds']} rounds")
+        if self.local_epochs is not None and self.local_epochs != paper["local_epochs"]:
+            parts.append(f"{self.local_epochs} of {paper['local_epochs']} local epochs")
+        users, frac = self.users()
+        if (users, frac) != (PAPER_USERS, PAPER_FRAC):
+            parts.append(f"{math.ceil(frac * users - 1e-9)} of {users} users per round (paper: 10 of 100)")
+        if self.train_samples is not None:
+            parts.append(f"{self.train_samples:,} training {'tokens' if dataset not in ('MNIST', 'CIFAR10') else 'images'}")
+        parts.append(f"{seeds} seed{'s' * (seeds != 1)}")
+        if panels is not None and len(panels) < len(LEVELS) - 1:
+            parts.append(f"panels {', '.join(panels)} of {', '.join(LEVELS[:-1])}")
+        return f"{profile}: {', '.join(parts)}"
+
+
 def figure_note(profile: str, reductions: Sequence[str], sources: Iterable[str], extra: str = "") -> list[str]:
     """Caption lines under a figure: the profile and what it cut, the data it ran on, anything else."""
     cut = "; ".join(reductions) if reductions else "the paper's settings (spec section 7)"
@@ -231,9 +252,11 @@ class Experiment:
 
     @property
     def key(self) -> str:
-        """Hash of everything that determines the result (config and data subset)."""
+        """Hash of everything that determines the result: config, data subset and the code that makes
+        results (:func:`~heterofl_core.runs.results_version`), so a change of that code retrains."""
         text = json.dumps({"config": self.cfg.to_dict(), "data": [self.data.name, self.data.train,
-                                                                    self.data.test, self.data.seed]}, sort_keys=True)
+                                                                    self.data.test, self.data.seed],
+                           "code": results_version()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def folder(self, runs_dir: str | os.PathLike) -> Path:
@@ -277,12 +300,28 @@ class Results:
     seconds: float  # wall time spent training in this call (cached runs cost ~0)
 
     def configs(self) -> list[dict[str, Any]]:
-        """Every run's name, folder and full config, for a figure's record."""
-        folders = dict(zip(self.summary["name"], self.summary["folder"])) if len(self.summary) else {}
-        return [{"name": e.name, "folder": folders.get(e.name), **e.cfg.to_dict()} for e in self.experiments]
+        """Every run's name, its folder under the runs folder and its full config, for a figure's record."""
+        folders = dict(zip(zip(self.summary["name"], self.summary["seed"]), self.summary["folder"])) \
+            if len(self.summary) else {}
+        return [{"name": e.name, "run": "/".join(Path(folders[e.name, e.cfg.seed]).parts[-2:])
+                 if (e.name, e.cfg.seed) in folders else None, **e.cfg.to_dict()} for e in self.experiments]
 
     def data_sources(self) -> list[str]:
         return sorted(set(self.summary["data_source"])) if len(self.summary) else []
+
+    def trained_with(self, allow_mixed: bool = False) -> list[dict[str, str]]:
+        """The code versions the runs were trained with (from their run.json), each once. Runs of
+        different result-making code in one figure are refused unless ``allow_mixed``."""
+        versions = []
+        for folder in self.summary["folder"] if len(self.summary) else []:
+            saved = json.loads((Path(folder) / "run.json").read_text())
+            version = {"code_version": saved.get("code_version", "unknown"),
+                       "results_version": saved.get("results_version", "unknown")}
+            versions += [version] if version not in versions else []
+        if len({v["results_version"] for v in versions}) > 1 and not allow_mixed:
+            raise ValueError(f"these runs were trained with different code: {versions}; retrain them "
+                             f"(heterofl reproduce --fresh) or pass allow_mixed=True to draw them together")
+        return versions
 
 
 def headline(dataset_or_cfg: str | ExperimentConfig) -> str:
@@ -303,7 +342,7 @@ def run_all(experiments: Sequence[Experiment], runs_dir: str | os.PathLike, *, d
         row["folder"] = str(experiment.folder(runs_dir))
         row["data_source"] = _data_source(experiment.folder(runs_dir))
         rows.append(row)
-        histories.append(frame.assign(name=experiment.name))
+        histories.append(frame.assign(name=experiment.name, seed=experiment.cfg.seed))
         if log:
             metric = headline(experiment.cfg)
             took = "cached" if cached else f"{time.perf_counter() - begin:.0f} s"
@@ -323,7 +362,7 @@ def _data_source(folder: Path) -> str:
 def summarise(frame: pd.DataFrame, experiment: Experiment) -> dict[str, Any]:
     """Final-round and best-round test metrics of one run (best = on the test set, as published)."""
     cfg = experiment.cfg
-    row: dict[str, Any] = {"name": experiment.name, **experiment.labels, "control": cfg.control}
+    row: dict[str, Any] = {"name": experiment.name, **experiment.labels, "control": cfg.control, "seed": cfg.seed}
     test = frame[frame["split"] == "test"]
     metric = headline(cfg)
     if test.empty:
@@ -341,20 +380,30 @@ def summarise(frame: pd.DataFrame, experiment: Experiment) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- the grids
 
-def interpolation_modes(global_levels: Iterable[str], points: Iterable[int]) -> list[dict[str, Any]]:
+def interpolation_modes(global_levels: Iterable[str], points: Iterable[int], other_levels: Iterable[str] | None = None,
+                        small_ends: bool = False) -> list[dict[str, Any]]:
     """The spec's interpolation grid: per global level x, x alone and x{i}-y{10-i} for each smaller y.
 
-    Returns rows with ``global_level``, ``other_level`` (None for x alone), ``i`` (10 for x alone) and ``mode``.
+    ``other_levels`` keeps only those y (default: every smaller level); ``small_ends`` adds each line's
+    other end, y alone (``i`` 0). Returns rows with ``global_level``, ``other_level`` (None for x alone),
+    ``i`` (10 for x alone, 0 for y alone) and ``mode``; a run shared by several panels (e alone) appears in each.
     """
     points = sorted(set(int(i) for i in points))
     if any(not 1 <= i <= 9 for i in points):
         raise ValueError(f"interpolation points are i in 1..9 (mixture x{{i}}-y{{10-i}}), got {points}")
+    others = None if other_levels is None else list(other_levels)
+    if others is not None and (unknown := [y for y in others if y not in LEVELS]):
+        raise ValueError(f"other levels must be among {', '.join(LEVELS)}, got {unknown}")
     rows = []
     for x in global_levels:
         if x not in LEVELS or x == LEVELS[-1]:
             raise ValueError(f"a panel's global level must be one of {', '.join(LEVELS[:-1])}, got {x!r}")
         rows.append({"global_level": x, "other_level": None, "i": 10, "mode": f"{x}1"})
         for y in LEVELS[LEVELS.index(x) + 1:]:
+            if others is not None and y not in others:
+                continue
+            if small_ends:
+                rows.append({"global_level": x, "other_level": y, "i": 0, "mode": f"{y}1"})
             rows += [{"global_level": x, "other_level": y, "i": i, "mode": f"{x}{i}-{y}{10 - i}"} for i in points]
     return rows
 
@@ -368,22 +417,67 @@ def size_of(model: str, mode: str, vocab_size: int = DEFAULT_VOCAB_SIZE,
 
 def interpolation_experiments(data: DataSpec, scale: Scale, global_levels: Iterable[str], points: Iterable[int],
                               curve_points: Iterable[int] = (), curve_eval_every: int | None = None,
-                              vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0) -> list[Experiment]:
-    """The interpolation grid of one dataset (iid, fix). Mixtures with i in ``curve_points``
-    (and x alone) of the widest panel are evaluated every ``curve_eval_every`` rounds for learning curves."""
-    rows = interpolation_modes(global_levels, points)
+                              vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0,
+                              other_levels: Iterable[str] | None = None, small_ends: bool = False,
+                              seeds: Sequence[int] | None = None) -> list[Experiment]:
+    """The runs of an interpolation grid (iid, fix): each distinct mode of :func:`interpolation_modes` once per
+    seed (``seeds``, default ``[seed]``). Under the first seed, x alone and the mixtures with i in
+    ``curve_points`` of the widest panel are tested every ``curve_eval_every`` rounds for learning curves."""
+    rows = interpolation_modes(global_levels, points, other_levels, small_ends)
     widest = rows[0]["global_level"] if rows else None
     curve_points = set(curve_points)
-    experiments = []
+    first: dict[str, dict[str, Any]] = {}
     for row in rows:
-        overrides: dict[str, Any] = {"seed": seed}
-        curve = row["global_level"] == widest and (row["other_level"] is None or row["i"] in curve_points)
-        if curve and curve_eval_every:
-            overrides["eval_every"] = curve_eval_every
-        cfg = scale.config(data.name, scale.control(row["mode"]), **overrides)
-        sizes = size_of(cfg.model, row["mode"], vocab_size, cfg.resnet_blocks)
-        experiments.append(Experiment(row["mode"], cfg, data, {**row, **sizes, "curve": curve}))
+        first.setdefault(row["mode"], row)
+    experiments = []
+    for n, run_seed in enumerate(seeds if seeds is not None else [seed]):
+        for mode, row in first.items():
+            overrides: dict[str, Any] = {"seed": run_seed}
+            curve = n == 0 and row["global_level"] == widest and (row["other_level"] is None or row["i"] in curve_points)
+            if curve and curve_eval_every:
+                overrides["eval_every"] = curve_eval_every
+            cfg = scale.config(data.name, scale.control(mode), **overrides)
+            sizes = size_of(cfg.model, mode, vocab_size, cfg.resnet_blocks)
+            experiments.append(Experiment(mode, cfg, data, {**row, **sizes, "curve": curve, "seed": run_seed}))
     return experiments
+
+
+def interpolation_points(layout: Sequence[dict[str, Any]], summary: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """What an interpolation figure plots, one row per point of ``layout`` (:func:`interpolation_modes`):
+    ``panel``, ``line`` (the smaller level y; None for x alone), ``mix``, ``share_big`` (share of users at the
+    panel's level x), ``mean_size`` (mean parameters), and the final ``metric`` over the seeds: ``mean``,
+    ``low``, ``high`` (the range), ``seeds`` and ``values``."""
+    column = f"final_{metric}"
+    runs = summary.dropna(subset=[column])
+    by_mode = {mode: group.sort_values("seed") for mode, group in runs.groupby("name")}
+    rows = []
+    for row in layout:
+        runs_of = by_mode.get(row["mode"])
+        if runs_of is None:
+            continue
+        values = [float(v) for v in runs_of[column]]
+        rows.append({"panel": row["global_level"], "line": row["other_level"], "mix": row["mode"],
+                     "share_big": row["i"] / 10, "mean_size": float(runs_of["params"].iloc[0]),
+                     "mean": sum(values) / len(values), "low": min(values), "high": max(values),
+                     "seeds": [int(s) for s in runs_of["seed"]], "values": values})
+    return pd.DataFrame(rows)
+
+
+def trend_shown(points: pd.DataFrame, lower_is_better: bool = False, min_seeds: int = 3) -> dict[str, bool]:
+    """Per panel: does the federation of only its level x beat the one of only the smallest level drawn in
+    it beyond their spread (the all-big point's worst seed better than the all-small point's best), each
+    from at least ``min_seeds`` seeds (fewer show no spread, so they show no trend)?"""
+    shown = {}
+    for panel, rows in points.groupby("panel", sort=False):
+        big = rows[rows["share_big"] == 1]
+        ends = rows[rows["share_big"] == 0]
+        if big.empty or ends.empty:
+            continue
+        small = ends.loc[ends["line"].map(LEVELS.index).idxmax()]
+        big = big.iloc[0]
+        beyond = big["high"] < small["low"] if lower_is_better else big["low"] > small["high"]
+        shown[panel] = bool(beyond) and min(len(big["seeds"]), len(small["seeds"])) >= min_seeds
+    return shown
 
 
 # ----------------------------------------------------------------------------- the interpolation notebooks (04-06)
@@ -433,36 +527,52 @@ def unigram_references(train: torch.Tensor, test: torch.Tensor, vocab_size: int,
             "copy_uniform": vocab_size ** mask_rate}
 
 
+# A level alone, iid, global accuracy, as the paper gives it (spec section 8): drawn beside ours.
+PAPER_ALONE = {
+    "MNIST": ({"a": 99.5, "b": 99.5, "c": 99.4, "d": 99.2}, "paper (read off its figure; 200 rounds)"),
+    "CIFAR10": ({"a": 91.19, "b": 89.82, "c": 87.55, "d": 84.21, "e": 77.09}, "paper (its table; 400 rounds)"),
+}
+
+
 class InterpolationStudy:
     """One dataset's interpolation experiment at a notebook's settings (notebooks 04-06): the grid of mixtures
-    x{i}-y{10-i}, the run watched live, the interpolation figure and the learning curves with their records,
-    and the checks every such notebook ends with. Each step is one method; :meth:`run_everything` does all.
+    x{i}-y{10-i} with each line's ends, every run under each seed, the run watched live, the interpolation
+    figure and the learning curves with their records, and the checks every such notebook ends with. Each step
+    is one method; :meth:`run_everything` does all.
 
     ``settings`` is the notebook's :func:`heterofl_core.profiles.settings` (``scale``, ``global_levels``,
-    ``points``, ``curve_eval_every``, ``featured_mode``); ``paths`` is :func:`notebook_paths`.
+    ``points``, ``other_levels``, ``seeds``, ``curve_eval_every``, ``featured_mode``); ``paths`` is
+    :func:`notebook_paths`. ``seed`` is used when the settings name no ``seeds``.
     """
 
     def __init__(self, dataset: str, settings: Any, paths: tuple[Path, Path, Path], seed: int = 0) -> None:
         data_root, self.runs_dir, self.figures_dir = paths
         self.dataset, self.settings, self.profile = dataset, settings, settings.profile
         self.scale: Scale = settings.scale
+        self.seeds = list(settings.get("seeds") or [seed])
         self.data = DataSpec(dataset, str(data_root), self.scale.train_samples, self.scale.test_samples, seed=seed)
         self.family = family_for_dataset(dataset)
         self.metric = headline(dataset)
+        self.lower_is_better = self.metric.endswith("perplexity")
         loaded = self.data.load()
         self.vocab_size = loaded.vocab_size if isinstance(loaded, TextData) else 0
         paper_dataset = self.family.datasets[0]
         copy = " (offline JPEG copy)" if "JPEG" in loaded.source else ""
         self.title = f"{paper_dataset}{copy} {self.family.display}" + (
             f" run on {dataset}" if dataset != paper_dataset else "")
-        self.reductions = self.scale.reductions(dataset)
+        self.reductions = self.scale.reductions(dataset) + [f"{len(self.seeds)} seed{'s' * (len(self.seeds) > 1)} "
+                                                            f"per point ({', '.join(map(str, self.seeds))}; paper: 1)"]
+        self.layout = interpolation_modes(settings.global_levels, settings.points, settings.get("other_levels"),
+                                          small_ends=True)
         grid = interpolation_experiments(self.data, self.scale, settings.global_levels, settings.points,
                                          curve_points=[5], curve_eval_every=settings.curve_eval_every,
-                                         vocab_size=self.vocab_size, seed=seed)
-        self.grid = [self._curve(e) if e.name == settings.featured_mode else e for e in grid]
-        self.featured = next((e for e in self.grid if e.name == settings.featured_mode), None) or self._curve(
+                                         vocab_size=self.vocab_size, other_levels=settings.get("other_levels"),
+                                         small_ends=True, seeds=self.seeds)
+        featured = (settings.featured_mode, self.seeds[0])
+        self.grid = [self._curve(e) if (e.name, e.cfg.seed) == featured else e for e in grid]
+        self.featured = next((e for e in self.grid if (e.name, e.cfg.seed) == featured), None) or self._curve(
             Experiment(settings.featured_mode, self.scale.config(dataset, self.scale.control(settings.featured_mode),
-                                                                  seed=seed), self.data, {"curve": True}))
+                                                                  seed=self.seeds[0]), self.data, {"curve": True}))
         self.results: Results | None = None
         self.saved: list[Path] = []
 
@@ -475,10 +585,11 @@ class InterpolationStudy:
     def about(self) -> str:
         """The data, what the profile cut from the paper's settings, and the grid, in a few lines."""
         vocab = f" | vocabulary {self.vocab_size:,} words" if self.vocab_size else ""
-        cut = ["Reduced from the paper's settings:", *[f"  - {r}" for r in self.reductions]] if self.reductions \
-            else ["The paper's settings."]
+        cut = ["Reduced from the paper's settings:", *[f"  - {r}" for r in self.reductions]]
+        modes = list(dict.fromkeys(e.name for e in self.grid))
         return "\n".join([f"{self.dataset} | {self.data.describe()}{vocab}", *cut,
-                          f"grid: {len(self.grid)} runs: {', '.join(e.name for e in self.grid)}"])
+                          f"grid: {len(modes)} mixtures x {len(self.seeds)} seeds = {len(self.grid)} runs: "
+                          f"{', '.join(modes)}"])
 
     def watch(self, interactive: bool = False) -> Results:
         """Train (or read back) the featured run; interactive, its curves redraw every round, else they are
@@ -495,35 +606,92 @@ class InterpolationStudy:
         self.results = run_all(self.grid, self.runs_dir)
         return self.results
 
-    def table(self) -> pd.DataFrame:
-        """One row per run: mean parameters of the mixture, global and local metric of the final round."""
-        kind = self.metric.split("_", 1)[1]
-        columns = ["name", "params", f"final_global_{kind}", f"final_local_{kind}"]
-        return self._results().summary[columns].round(2)
+    def points(self) -> pd.DataFrame:
+        """The figure's points (:func:`interpolation_points`): per panel and mixture, mean and range over seeds."""
+        return interpolation_points(self.layout, self._results().summary, self.metric)
 
-    def draw(self) -> list[Path]:
-        """The interpolation figure and the learning curves, each saved (PNG, PDF, JSON record); the paths."""
+    def table(self) -> pd.DataFrame:
+        """One row per mixture: mean parameters, and the final global and local metric, mean over the seeds
+        (``low``/``high``: the range of the global one)."""
+        kind = self.metric.split("_", 1)[1]
+        summary = self._results().summary
+        columns = [f"final_global_{kind}", f"final_local_{kind}"]
+        table = summary.groupby("name", sort=False).agg(params=("params", "first"), seeds=("seed", "count"),
+                                                        **{c: (c, "mean") for c in columns},
+                                                        low=(columns[0], "min"), high=(columns[0], "max"))
+        return table.reset_index().round(2)
+
+    def result_table(self, paper: dict[str, float] | None = None, paper_label: str = "paper") -> pd.DataFrame:
+        """Every mixture of the grid, widest first: mean parameters, ours (the final round's global metric: mean
+        and range over the seeds, labelled with the profile) and the paper's number beside it where ``paper``
+        has one (a level alone, keyed by level as in :data:`PAPER_ALONE`)."""
+        by_mode = {f"{level}1": value for level, value in (paper or {}).items()}
+        kind = self.metric.split("_", 1)[1]
+        table = self.table()
+        table = table.assign(level=table["name"].str[0].map(LEVELS.index)).sort_values(["level", "params"],
+                                                                                      ascending=[True, False])
+        ours = f"ours ({self.profile}, mean of {len(self.seeds)} seed{'s' * (len(self.seeds) > 1)})"
+        return pd.DataFrame({
+            "model": table["name"], "mean params": table["params"].map(human),
+            ours: table[f"final_global_{kind}"].map(lambda v: f"{v:.2f}"),
+            "ours: range": [f"{low:.2f}-{high:.2f}" for low, high in zip(table["low"], table["high"])],
+            paper_label: table["name"].map(lambda mode: f"{by_mode[mode]:.2f}" if mode in by_mode else "-"),
+        }).reset_index(drop=True)
+
+    def reference(self) -> tuple[float, str]:
+        """The level a model must beat: chance for classes (100 / classes %), the unigram perplexity for text
+        (word frequencies of the whole training split, scored on the test tokens used here)."""
+        loaded = self.data.load()
+        if isinstance(loaded, TextData):
+            train = DataSpec(self.dataset, self.data.root).load().train
+            return unigram_references(train, loaded.test, loaded.vocab_size)["unigram"], "unigram (word frequencies)"
+        return 100 / loaded.num_classes, "chance"
+
+    def draw(self, allow_mixed: bool = False) -> list[Path]:
+        """The interpolation figure and the learning curves, each saved (PNG, PDF, JSON record); the paths.
+        Runs trained with different result-making code are refused unless ``allow_mixed``."""
         from . import plots
 
         results, kind = self._results(), self.metric.split("_", 1)[1]
-        points = ", ".join(map(str, sorted(set(self.settings.points))))
+        trained_with = results.trained_with(allow_mixed)
+        points = self.points()
+        shown = trend_shown(points, self.lower_is_better)
+        paper_rounds = paper_preset(self.dataset if self.dataset in ("MNIST", "CIFAR10") else "WikiText2")["rounds"]
+        rounds = self.scale.rounds or paper_rounds
+        converged = bool(shown) and all(shown.values())
         title = f"{self.title}: interpolating between levels (iid, fix)"
+        if not converged:
+            title += f"; not converged: {rounds} of {paper_rounds} rounds"
+        banner = self.scale.banner(self.profile, self.dataset, len(self.seeds), self.settings.global_levels)
+        paper_values, paper_label = PAPER_ALONE.get(self.dataset, ({}, ""))
+        reference = self.reference()
         note = figure_note(self.profile, self.reductions, results.data_sources(),
-                           f"y: global {kind} of the final round; each line, left to right: "
-                           f"x{{i}}-y{{10-i}} for i = {points}, then x alone (star)")
-        fig = plots.interpolation_figure(results.summary, self.metric, title, note)
+                           f"y: global {kind} of the final round, mean over seeds {self.seeds}, bars: their range; "
+                           f"each line, left to right: y alone, x{{i}}-y{{10-i}} for i = "
+                           f"{', '.join(map(str, sorted(set(self.settings.points))))}, x alone; labels: share of "
+                           f"users at level x")
+        fig = plots.interpolation_figure(points, self.metric, title, banner, paper=paper_values,
+                                         paper_label=paper_label, reference=reference if not converged or
+                                         self.lower_is_better else None)
         meta = plots.record(self.profile, title, caption=" | ".join(note), data_source=results.data_sources(),
-                            configs=results.configs(), reductions=self.reductions, dataset=self.dataset)
+                            configs=results.configs(), reductions=self.reductions, dataset=self.dataset,
+                            banner=banner, trained_with=trained_with, trend_shown=shown,
+                            reference={"label": reference[1], "value": reference[0]},
+                            paper={"label": paper_label, "values": paper_values},
+                            points=points.to_dict("records"))
         saved = plots.save_figure(fig, self.figures_dir, f"interpolation_{self.dataset}", meta)
 
-        curves = results.summary.loc[results.summary["curve"].astype(bool), "name"].tolist()
-        title = f"{self.title}: learning curves"
+        curves = results.summary[results.summary["curve"].astype(bool)]
+        wanted = set(zip(curves["name"], curves["seed"]))
+        history = results.history[[key in wanted for key in zip(results.history["name"], results.history["seed"])]]
+        title = f"{self.title}: learning curves (seed {self.seeds[0]})"
         reductions = replace(self.scale, eval_every=self.settings.curve_eval_every).reductions(self.dataset)
         note = figure_note(self.profile, reductions, results.data_sources())
-        fig = plots.learning_curves(results.history, self.metric, title, note, names=curves)
+        banner = self.scale.banner(self.profile, self.dataset, 1)
+        fig = plots.learning_curves(history, self.metric, title, banner, names=list(curves["name"]))
         meta = plots.record(self.profile, title, caption=" | ".join(note), data_source=results.data_sources(),
-                            configs=[c for c in results.configs() if c["name"] in curves],
-                            reductions=reductions, dataset=self.dataset)
+                            configs=[c for c in results.configs() if (c["name"], c["seed"]) in wanted],
+                            reductions=reductions, dataset=self.dataset, banner=banner, trained_with=trained_with)
         self.saved = saved + plots.save_figure(fig, self.figures_dir, f"curves_{self.dataset}", meta)
         return self.saved
 
@@ -542,10 +710,11 @@ class InterpolationStudy:
         values = summary[f"final_{self.metric}"]
         assert len(summary) == len(self.grid) and values.notna().all(), "every run of the grid finished and was tested"
         assert self.saved and all(p.exists() for p in self.saved), "figures and their records are written"
-        alone = summary[summary["other_level"].isna()].set_index("global_level")["params"]
+        points = self.points()
+        alone = points[points["share_big"] == 1].drop_duplicates("panel").set_index("panel")["mean_size"]
         assert list(alone) == sorted(alone, reverse=True), "wider global models have more parameters"
-        for _, line in summary.dropna(subset=["other_level"]).groupby(["global_level", "other_level"]):
-            assert line.sort_values("i")["params"].is_monotonic_increasing, "more x clients, more mean parameters"
+        for _, line in points.dropna(subset=["line"]).groupby(["panel", "line"]):
+            assert line.sort_values("share_big")["mean_size"].is_monotonic_increasing, "more x clients, more parameters"
 
     def _results(self) -> Results:
         if self.results is None:
@@ -553,26 +722,39 @@ class InterpolationStudy:
         return self.results
 
 
-# The paper's CIFAR10 table (spec section 8): ResNet18 [1, 1, 1, 2], dynamic split.
+# The paper's CIFAR10 table (spec section 8): ResNet18 [1, 1, 1, 2]; single levels fix, combinations dynamic.
 PAPER_CIFAR10_TABLE = pd.DataFrame(
     [("a", 1.00, "9.6M", "330.2M", 36.71, 91.19, 92.38, 56.88),
      ("a-e", 0.50, "4.8M", "165.9M", 18.43, 90.29, 92.10, 59.11),
      ("a-b-c-d-e", 0.27, "2.6M", "88.4M", 9.78, 88.83, 92.49, 61.64),
      ("b", 1.00, "2.4M", "83.3M", 9.19, 89.82, 93.83, 55.45),
+     ("b-e", 0.51, "1.2M", "42.4M", 4.67, 89.10, 90.68, 59.81),
+     ("b-c-d-e", 0.33, "801K", "27.9M", 3.05, 87.92, 91.90, 59.10),
      ("c", 1.00, "604K", "21.2M", 2.30, 87.55, 91.09, 55.12),
+     ("c-e", 0.53, "321K", "11.3M", 1.22, 86.88, 91.83, 63.47),
+     ("c-d-e", 0.44, "265K", "9.4M", 1.01, 85.79, 91.49, 55.42),
      ("d", 1.00, "152K", "5.5M", 0.58, 84.21, 90.77, 61.13),
+     ("d-e", 0.63, "95K", "3.5M", 0.36, 82.93, 90.89, 56.16),
      ("e", 1.00, "38K", "1.5M", 0.15, 77.09, 89.62, 54.16)],
     columns=["model", "ratio", "params", "FLOPs", "MB", "IID acc", "non-IID local", "non-IID global"])
+# The comparison rows the paper prints under it (Liang et al., 2020), as printed.
+PAPER_CIFAR10_COMPARISONS = pd.DataFrame(
+    [("Standalone (Liang et al., 2020)", 1.00, "1.8M", "3.6M", 6.88, 16.90, 87.93, 10.03),
+     ("FedAvg (Liang et al., 2020)", 1.00, "1.8M", "3.6M", 6.88, 67.74, 58.99, 58.99),
+     ("LG-FedAvg (Liang et al., 2020)", 1.00, "1.8M", "3.6M", 6.88, 69.76, 91.77, 60.79)],
+    columns=PAPER_CIFAR10_TABLE.columns)
 
 
 def table_experiments(data: DataSpec, scale: Scale, models: Iterable[str] = tuple(PAPER_CIFAR10_TABLE["model"]),
                       splits: Iterable[str] = ("iid", "non-iid-2"), seed: int = 0) -> list[Experiment]:
-    """The runs behind the CIFAR10 table: each model (``a``, ``a-e``, ``a-b-c-d-e``, ...) with the dynamic split."""
+    """The runs behind the CIFAR10 table, as the authors' scripts run them: a single level (``c``) with the
+    fix split, a combination (``a-e``, ``a-b-c-d-e``) with dynamic (every round each user draws its level)."""
     experiments = []
     for split in splits:
         for model in models:
             mode = "-".join(f"{level}1" for level in model.split("-"))
-            cfg = scale.config(data.name, scale.control(mode, split=split, model_split="dynamic"), seed=seed)
+            model_split = "fix" if "-" not in model else "dynamic"
+            cfg = scale.config(data.name, scale.control(mode, split=split, model_split=model_split), seed=seed)
             experiments.append(Experiment(f"{model} {split}", cfg, data, {"model": model, "data_split": split}))
     return experiments
 

@@ -46,10 +46,12 @@ METRIC_LABELS = {
 
 
 def use_style() -> None:
-    """Seaborn 'talk' context, white grid, colour-blind palette: large type for a projector."""
+    """Seaborn 'talk' context, white grid, colour-blind palette: large type for a projector (no text under
+    14 pt; small print goes to a figure's JSON record, not the image)."""
     sns.set_theme(context="talk", style="whitegrid", palette="colorblind",
                   rc={"figure.dpi": 80, "savefig.dpi": 150, "axes.titleweight": "bold",
-                      "axes.titlesize": 20, "legend.frameon": True, "legend.framealpha": 0.9,
+                      "axes.titlesize": 19, "axes.labelsize": 17, "xtick.labelsize": 15, "ytick.labelsize": 15,
+                      "legend.fontsize": 15, "font.size": 15, "legend.frameon": True, "legend.framealpha": 0.9,
                       "figure.constrained_layout.use": True})
 
 
@@ -59,61 +61,86 @@ def level_colors() -> dict[str, Any]:
     return {level: palette[i] for i, level in enumerate(LEVEL_NAMES)}
 
 
-def _note(fig: plt.Figure, text: str | Sequence[str] | None, width: int = 150) -> None:
-    """A small-print caption under the figure (what was run, what was cut)."""
-    if not text:
-        return
-    lines = [text] if isinstance(text, str) else list(text)
-    wrapped = "\n".join(textwrap.fill(line, width) for line in lines)
-    fig.supxlabel(wrapped, fontsize=11, x=0.01, ha="left", color="0.25")
-
-
 def _param_axis(ax: plt.Axes) -> None:
     ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: human(v)))
 
 
 # ----------------------------------------------------------------------------- the interpolation figure
 
-def interpolation_figure(summary: pd.DataFrame, metric: str, title: str, note: str | Sequence[str] | None = None,
-                         value: str = "final") -> plt.Figure:
+def interpolation_figure(points: pd.DataFrame, metric: str, title: str, banner: str | None = None, *,
+                         paper: dict[str, float] | None = None, paper_label: str = "paper",
+                         reference: tuple[float, str] | None = None) -> plt.Figure:
     """The spec's interpolation figure: one panel per global level x (a, b, c, d); in each, one line per
-    smaller level y through the mixtures x{i}-y{10-i}, ending at x alone; x = mean parameters of the mixture.
+    smaller level y from y alone through the mixtures x{i}-y{10-i} to x alone, against the mixture's mean
+    parameters; each point the mean over seeds with its range (bar and band), labelled with the share of
+    users at level x. ``points`` as :func:`heterofl_core.experiments.interpolation_points` returns them.
 
-    ``summary`` rows need ``global_level``, ``other_level`` (None/NaN for x alone), ``i``, ``params`` and
-    ``<value>_<metric>``.
+    ``paper``: a level's value alone in the paper (drawn at that level's size, labelled ``paper_label``);
+    ``reference``: (value, label) of a level to beat, drawn as a dashed line (chance, unigram perplexity).
+    Perplexity is drawn on a log axis.
     """
-    column = f"{value}_{metric}"
-    globals_ = [x for x in LEVEL_NAMES if x in set(summary["global_level"])]
+    panels = [x for x in LEVEL_NAMES if x in set(points["panel"])]
     colors = level_colors()
-    cols = min(len(globals_), 2) if len(globals_) > 2 else len(globals_)
-    rows = int(np.ceil(len(globals_) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, 5.6 * rows + 0.8), squeeze=False)
-    for ax, x in zip(axes.flat, globals_):
-        panel = summary[summary["global_level"] == x]
-        alone = panel[panel["other_level"].isna()]
-        for y in [l for l in LEVEL_NAMES if l in set(panel["other_level"].dropna())]:
-            line = pd.concat([panel[panel["other_level"] == y], alone]).sort_values("params")
-            ax.plot(line["params"], line[column], marker="o", lw=2.5, ms=8, color=colors[y], label=f"{x}–{y}")
+    cols = 2 if len(panels) > 1 else 1
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(8.5 * cols, 6.4 * rows + 1.2), squeeze=False)
+    lower_is_better = metric.endswith("perplexity")
+    for ax, x in zip(axes.flat, panels):
+        panel = points[points["panel"] == x]
+        alone = panel[panel["line"].isna()]
+        for y in [level for level in LEVEL_NAMES if level in set(panel["line"].dropna())]:
+            line = pd.concat([panel[panel["line"] == y], alone]).sort_values("mean_size")
+            ax.fill_between(line["mean_size"], line["low"], line["high"], color=colors[y], alpha=0.18, lw=0)
+            ax.errorbar(line["mean_size"], line["mean"], yerr=[line["mean"] - line["low"], line["high"] - line["mean"]],
+                        marker="o", lw=2.5, ms=8, capsize=5, color=colors[y], label=f"{x}–{y}: mean, range")
+            for _, point in line.iterrows():
+                ax.annotate(f"{point['share_big']:.0%}", (point["mean_size"], point["mean"]), textcoords="offset points",
+                            xytext=(6, -18 if lower_is_better else 8), fontsize=14, color=colors[y])
         if not alone.empty:
-            ax.plot(alone["params"], alone[column], marker="*", ms=20, ls="", color="black", label=f"{x} alone",
+            ax.plot(alone["mean_size"], alone["mean"], marker="*", ms=22, ls="", color="black", label=f"{x} alone",
                     zorder=5)
+        drawn = {row["mix"][0]: row["mean_size"] for _, row in panel.iterrows() if row["share_big"] in (0, 1)}
+        shown = {level: value for level, value in (paper or {}).items() if level in drawn}
+        if shown:
+            ax.plot([drawn[level] for level in shown], list(shown.values()), marker="D", ms=11, ls="",
+                    mfc="none", mew=2.5, color="#c0392b", label=paper_label, zorder=6)
+        if reference is not None:
+            ax.axhline(reference[0], ls="--", lw=2, color="0.45", label=reference[1])
+        if lower_is_better:
+            _log_axis(ax)
         ax.set_title(f"global model {x} (rate {LEVEL_RATES[x]:g})")
-        ax.set_xlabel("mean parameters of the mixture")
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.set_xlabel("mean parameters per client")
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (", log scale\n(lower is better)" if lower_is_better
+                                                            else "\n(higher is better)"))
         _param_axis(ax)
-        ax.legend(fontsize=12, loc="best")
-    for ax in list(axes.flat)[len(globals_):]:
+        ax.legend(loc="best")
+    for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(title, fontsize=22, fontweight="bold")
-    _note(fig, note)
+    _title(fig, title, banner)
     return fig
+
+
+def _log_axis(ax: plt.Axes) -> None:
+    """A log y axis labelled at 1, 2 and 5 times powers of ten, in plain numbers."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(mticker.NullFormatter())
+
+
+def _title(fig: plt.Figure, title: str, banner: str | None) -> None:
+    """The figure's title, wrapped, with the banner (profile and reductions) under it."""
+    width = int(fig.get_figwidth() * 5.2)
+    text = textwrap.fill(title, width) + (f"\n{textwrap.fill(banner, int(width * 1.2))}" if banner else "")
+    fig.suptitle(text, fontsize=20, fontweight="bold")
 
 
 # ----------------------------------------------------------------------------- learning curves
 
-def learning_curves(history: pd.DataFrame, metric: str, title: str, note: str | Sequence[str] | None = None,
+def learning_curves(history: pd.DataFrame, metric: str, title: str, banner: str | None = None,
                     names: Iterable[str] | None = None) -> plt.Figure:
-    """Left: the clients' training loss per round; right: ``metric`` at every evaluated round. One line per run."""
+    """Left: the clients' training loss per round; right: ``metric`` at every evaluated round. One line per run;
+    ``banner``: the profile and its reductions, under the title."""
     wanted = list(names) if names is not None else list(dict.fromkeys(history["name"]))
     frame = history[history["name"].isin(wanted)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(16, 6.2))
@@ -131,10 +158,10 @@ def learning_curves(history: pd.DataFrame, metric: str, title: str, note: str | 
         ax.xaxis.set_major_locator(mticker.MaxNLocator(integer=True))
         ax.set_xlim(0.5, last + 0.5)
     if metric.endswith("perplexity"):
-        right.set_yscale("log")
-    right.legend(fontsize=12, loc="best")
-    fig.suptitle(title, fontsize=22, fontweight="bold")
-    _note(fig, note)
+        _log_axis(right)
+        right.set_ylabel(METRIC_LABELS[metric] + ", log scale\n(lower is better)")
+    right.legend(loc="best")
+    _title(fig, title, banner)
     return fig
 
 
@@ -278,7 +305,7 @@ def draw_entry_levels(ax: plt.Axes, owner: np.ndarray, levels: Sequence[str], ti
     ax.grid(False)
     handles = [matplotlib.patches.Patch(color=colors[l], label=f"{l} (rate {LEVEL_RATES[l]:g}) and wider")
                for l in levels]
-    ax.legend(handles=handles, fontsize=10, loc="lower right")
+    ax.legend(handles=handles, fontsize=14, loc="lower right")
 
 
 def footprint(slicer: Any, name: str, rate: float, labels: Sequence[int] | None = None,
@@ -360,7 +387,7 @@ def mixture_view(model: str, proportions: dict[str, int], layer: str | None = No
     right.axhline(sizes[-1].params, color="black", ls="--", lw=2, label=f"mixture mean {human(sizes[-1].params)}")
     right.set_yscale("log")
     right.set(ylabel="parameters (log scale)", title=f"mixture {mode}")
-    right.legend(fontsize=12)
+    right.legend()
     return fig, table
 
 
@@ -410,23 +437,23 @@ def mixture_explorer(model: str = "conv", proportions: dict[str, int] | None = N
 
 # ----------------------------------------------------------------------------- tables
 
-def table_figure(table: pd.DataFrame, title: str, note: str | Sequence[str] | None = None,
+def table_figure(table: pd.DataFrame, title: str, banner: str | None = None,
                  highlight: Callable[[pd.Series], bool] | None = None) -> plt.Figure:
-    """A table drawn as a figure (for slides): bold header, zebra rows, optional highlighted rows."""
+    """A table drawn as a figure (for slides): bold header, zebra rows, optional highlighted rows; ``banner``
+    (the profile and its reductions) under the title. Small print belongs in the record, not here."""
     cells = table.astype(str).values.tolist()
     widths = [max(len(str(c)) for c in [col, *table[col].astype(str)]) + 2 for col in table.columns]
-    fig_w = min(26, max(8, 0.15 * sum(widths) + 1))
-    notes = [note] if isinstance(note, str) else list(note or [])
-    wrap = int(fig_w * 9)
-    note_lines = sum(len(textwrap.wrap(line, wrap)) or 1 for line in notes)
-    table_h = 0.42 * (len(cells) + 1)
-    fig = plt.figure(figsize=(fig_w, table_h + 0.9 + 0.22 * note_lines), layout="constrained")
+    fig_w = min(30, max(10, 0.17 * sum(widths) + 1))
+    table_h = 0.48 * (len(cells) + 1)
+    title_lines = len(textwrap.wrap(title, int(fig_w * 5.2))) + (len(textwrap.wrap(banner, int(fig_w * 6.2)))
+                                                                   if banner else 0)
+    fig = plt.figure(figsize=(fig_w, table_h + 0.45 * title_lines + 0.4), layout="constrained")
     ax = fig.add_subplot()
     ax.axis("off")
     drawn = ax.table(cellText=cells, colLabels=list(table.columns), cellLoc="center", bbox=[0, 0, 1, 1],
                      colWidths=[w / sum(widths) for w in widths])
     drawn.auto_set_font_size(False)
-    drawn.set_fontsize(13)
+    drawn.set_fontsize(14)
     for (row, _), cell in drawn.get_celld().items():
         cell.set_edgecolor("0.8")
         if row == 0:
@@ -436,8 +463,7 @@ def table_figure(table: pd.DataFrame, title: str, note: str | Sequence[str] | No
             cell.set_facecolor("#fff2cc")
         elif row % 2 == 0:
             cell.set_facecolor("0.96")
-    ax.set_title(title, fontsize=17, fontweight="bold")
-    _note(fig, notes, width=wrap)
+    _title(fig, title, banner)
     return fig
 
 
@@ -474,7 +500,8 @@ def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str, meta: dict[
 def save_table(table: pd.DataFrame, figures_dir: str | Path, name: str, meta: dict[str, Any],
                note: str | Sequence[str] | None = None,
                highlight: Callable[[pd.Series], bool] | None = None) -> list[Path]:
-    """A table as ``.csv`` and ``.md`` (caption and record under it) and drawn as ``.png``/``.pdf``, with its record."""
+    """A table as ``.csv`` and ``.md`` (``note`` and the record under it) and drawn as ``.png``/``.pdf`` (title and
+    the record's ``banner``), with its record."""
     folder = Path(figures_dir)
     folder.mkdir(parents=True, exist_ok=True)
     csv, md = folder / f"{name}.csv", folder / f"{name}.md"
@@ -483,7 +510,7 @@ def save_table(table: pd.DataFrame, figures_dir: str | Path, name: str, meta: di
     md.write_text(f"**{meta.get('title', name)}**\n\n{markdown_table(table)}\n\n"
                   + "".join(f"{line}  \n" for line in notes)
                   + f"\nprofile `{meta.get('profile')}`, code `{meta.get('code_version')}`, {meta.get('date')}\n")
-    fig = table_figure(table, meta.get("title", name), note, highlight)
+    fig = table_figure(table, meta.get("title", name), meta.get("banner"), highlight)
     try:
         paths = save_figure(fig, folder, name, meta)
     finally:

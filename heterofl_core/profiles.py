@@ -13,7 +13,10 @@ settings; a name the notebook does not have is refused.
 
 Training notebooks share the names of :class:`~heterofl_core.experiments.Scale`
 (rounds, local_epochs, num_users, frac, eval_every, sbn_samples, train_samples,
-test_samples); ``None`` keeps the paper's value.
+test_samples); ``None`` keeps the paper's value. The interpolation notebooks (04-06)
+add the grid: ``global_levels`` (panels), ``other_levels`` (the lines' small levels;
+None: every smaller one), ``points`` (i of x{i}-y{10-i}) and ``seeds`` (each point is
+the mean and range over them).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ NOTEBOOKS = (
 ALL_LEVELS = ["a", "b", "c", "d"]  # the interpolation figure's four panels: global model a, b, c, d
 ALL_POINTS = list(range(1, 10))  # x{i}-y{10-i}, i = 1..9
 TABLE_MODELS = ["a", "a-e", "a-b-c-d-e", "b", "c", "d", "e"]
+QUICK_TABLE_MODELS = ["c", "c-e", "c-d-e", "d", "d-e", "e"]  # rows of the paper's CIFAR10 table a CPU can train
+SEEDS = [0, 1, 2]  # every point of an interpolation figure: mean and range over these
 
 _PAPER = dict(rounds=None, local_epochs=None, num_users=100, frac=0.1, eval_every=1, sbn_samples=0,
               train_samples=None, test_samples=None)  # None: the paper's value for the dataset
@@ -53,12 +58,18 @@ _WORKSHOP_TEXT = dict(rounds=2, local_epochs=1, num_users=10, frac=0.5, eval_eve
 # The ablation at workshop scale: MNIST only (8 runs of mixture c-e); enough for sBN's effect (notebook 07).
 _WORKSHOP_ABLATION_MNIST = dict(rounds=4, local_epochs=1, num_users=10, frac=0.5, eval_every=4, sbn_samples=2000,
                                 train_samples=4000, test_samples=2000)
-_QUICK_MNIST = dict(rounds=6, local_epochs=1, num_users=10, frac=0.5, eval_every=6, sbn_samples=1000,
-                    train_samples=3000, test_samples=1000)
-_QUICK_CIFAR10 = dict(rounds=5, local_epochs=1, num_users=10, frac=0.5, eval_every=5, sbn_samples=500,
-                      train_samples=1500, test_samples=1000)
+# quick, small: 3,000 images for six rounds; the one-round notebook (03) and the MNIST ablation (07).
+_QUICK_SMALL_MNIST = dict(rounds=6, local_epochs=1, num_users=10, frac=0.5, eval_every=6, sbn_samples=1000,
+                          train_samples=3000, test_samples=1000)
+# quick, interpolation (04): the paper's 100 users, 10 per round, on the whole training and test sets; 6 of 200
+# rounds and 1 of 5 local epochs (the CPU budget). Enough for the levels to order the accuracy beyond the spread
+# of 3 seeds (measured: see README).
+_QUICK_MNIST = dict(rounds=6, local_epochs=1, num_users=100, frac=0.1, eval_every=6, sbn_samples=6000,
+                    train_samples=None, test_samples=None)
+_QUICK_CIFAR10 = dict(rounds=6, local_epochs=1, num_users=10, frac=0.5, eval_every=6, sbn_samples=1000,
+                      train_samples=5000, test_samples=2000)
 _ONE_ROUND = dict(rounds=1, eval_every=1, split="non-iid-2")  # 03: one round, two classes per user (masking at work)
-_QUICK_TEXT = dict(rounds=5, local_epochs=1, num_users=10, frac=0.5, eval_every=5, sbn_samples=0,
+_QUICK_TEXT = dict(rounds=4, local_epochs=1, num_users=10, frac=0.5, eval_every=4, sbn_samples=0,
                    train_samples=16000, test_samples=5120)
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
@@ -67,11 +78,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "01_width_slicing": dict(explore_model="conv"),
         "02_aggregation": dict(toy_width=8),
         "03_one_round_by_hand": {**_SMOKE_MNIST, **_ONE_ROUND, "mode": "c1-e1"},
-        "04_mnist_cnn": dict(**_SMOKE_MNIST, global_levels=["c", "d"], points=[5], curve_eval_every=1,
+        "04_mnist_cnn": dict(**_SMOKE_MNIST, global_levels=["c", "d"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
                              featured_mode="c5-e5"),
-        "05_cifar10_resnet18": dict(**_SMOKE_CIFAR10, global_levels=["d"], points=[5], curve_eval_every=1,
+        "05_cifar10_resnet18": dict(**_SMOKE_CIFAR10, global_levels=["d"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
                                     featured_mode="d5-e5"),
-        "06_wikitext2_transformer": dict(**_SMOKE_TEXT, global_levels=["d"], points=[5], curve_eval_every=1,
+        "06_wikitext2_transformer": dict(**_SMOKE_TEXT, global_levels=["d"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
                                          featured_mode="d5-e5"),
         "07_ablations": dict(mnist=_SMOKE_MNIST, cifar10=_SMOKE_CIFAR10, mode="d1-e1", seed=0),
         "08_paper_figures": dict(cifar10=_SMOKE_CIFAR10, table_models=["a", "a-e", "e"], seed=0),
@@ -84,32 +95,31 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "02_aggregation": dict(toy_width=8),
         "03_one_round_by_hand": {**_WORKSHOP_MNIST, **_ONE_ROUND, "sbn_samples": 1000, "test_samples": 1000,
                                  "mode": "a1-e1"},  # the round runs twice (by hand, then run_experiment)
-        "04_mnist_cnn": dict(**_WORKSHOP_MNIST, global_levels=["c"], points=[1, 5], curve_eval_every=1,
+        "04_mnist_cnn": dict(**_WORKSHOP_MNIST, global_levels=["c"], other_levels=["e"], seeds=[0], points=[1, 5], curve_eval_every=1,
                              featured_mode="c5-e5"),  # c alone beats c1-e9, in about a minute of training
-        "05_cifar10_resnet18": dict(**_WORKSHOP_CIFAR10, global_levels=["c"], points=[5], curve_eval_every=1,
+        "05_cifar10_resnet18": dict(**_WORKSHOP_CIFAR10, global_levels=["c"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
                                     featured_mode="c5-e5"),
-        "06_wikitext2_transformer": dict(**_WORKSHOP_TEXT, global_levels=["c"], points=[5], curve_eval_every=1,
+        "06_wikitext2_transformer": dict(**_WORKSHOP_TEXT, global_levels=["c"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
                                          featured_mode="c5-e5"),
         "07_ablations": dict(mnist=_WORKSHOP_ABLATION_MNIST, cifar10=None, mode="c1-e1", seed=0),  # CIFAR10: too slow
         "08_paper_figures": dict(cifar10=_WORKSHOP_CIFAR10, table_models=["c", "d", "e"], seed=0),  # a: too slow
     },
-    # The whole suite on a 2-core CPU in under an hour (measured: see README). Same models and
-    # methods; 10 users of which 5 train per round, few rounds, one local epoch,
-    # interpolation points i = 1, 5, 9 (plus x alone), data subsets, sBN statistics and tests on
-    # subsets, evaluation after the last round (learning-curve runs more often).
+    # The figures on a 2-core CPU, the whole suite in under 90 minutes (measured: see README). MNIST shows the
+    # paper's result (04: the paper's users, whole data, 6 rounds, 3 seeds, every panel, lines to e only, i = 5);
+    # CIFAR10 and text get what the budget allows (narrow panels c and d), and their figures say when no trend shows.
     "quick": {
         "00_setup_and_data": dict(show_samples=16),
         "01_width_slicing": dict(explore_model="resnet18"),
         "02_aggregation": dict(toy_width=8),
-        "03_one_round_by_hand": {**_QUICK_MNIST, **_ONE_ROUND, "mode": "a1-e1"},
-        "04_mnist_cnn": dict(**_QUICK_MNIST, global_levels=ALL_LEVELS, points=[1, 5, 9], curve_eval_every=1,
-                             featured_mode="a5-e5"),
-        "05_cifar10_resnet18": dict(**_QUICK_CIFAR10, global_levels=ALL_LEVELS, points=[1, 5, 9],
-                                    curve_eval_every=2, featured_mode="a5-e5"),
-        "06_wikitext2_transformer": dict(**_QUICK_TEXT, global_levels=ALL_LEVELS, points=[1, 5, 9],
-                                         curve_eval_every=2, featured_mode="a5-e5"),
-        "07_ablations": dict(mnist=_QUICK_MNIST, cifar10=_QUICK_CIFAR10, mode="a1-e1", seed=0),
-        "08_paper_figures": dict(cifar10=_QUICK_CIFAR10, table_models=TABLE_MODELS, seed=0),
+        "03_one_round_by_hand": {**_QUICK_SMALL_MNIST, **_ONE_ROUND, "mode": "a1-e1"},
+        "04_mnist_cnn": dict(**_QUICK_MNIST, global_levels=ALL_LEVELS, other_levels=["e"], points=[5],
+                             seeds=SEEDS, curve_eval_every=2, featured_mode="a5-e5"),
+        "05_cifar10_resnet18": dict(**_QUICK_CIFAR10, global_levels=["c", "d"], other_levels=["e"], points=[5],
+                                    seeds=SEEDS, curve_eval_every=2, featured_mode="c5-e5"),
+        "06_wikitext2_transformer": dict(**_QUICK_TEXT, global_levels=["c", "d"], other_levels=["e"], points=[5],
+                                         seeds=SEEDS, curve_eval_every=2, featured_mode="c5-e5"),
+        "07_ablations": dict(mnist=_QUICK_SMALL_MNIST, cifar10=None, mode="a1-e1", seed=0),  # CIFAR10: ~25 min
+        "08_paper_figures": dict(cifar10=_QUICK_CIFAR10, table_models=QUICK_TABLE_MODELS, seed=0),
     },
     # The paper's settings (spec section 7): 100 users, 10 active, the paper's rounds, local epochs and
     # lr milestones, whole datasets, sBN over the whole training set, evaluation every round, i = 1..9.
@@ -118,12 +128,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "01_width_slicing": dict(explore_model="resnet18"),
         "02_aggregation": dict(toy_width=8),
         "03_one_round_by_hand": {**_PAPER, **_ONE_ROUND, "mode": "a1-e1"},
-        "04_mnist_cnn": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS, curve_eval_every=1,
-                             featured_mode="a5-e5"),
-        "05_cifar10_resnet18": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS, curve_eval_every=1,
-                                    featured_mode="a5-e5"),
-        "06_wikitext2_transformer": dict(**_PAPER, global_levels=ALL_LEVELS, points=ALL_POINTS,
-                                         curve_eval_every=1, featured_mode="a5-e5"),
+        "04_mnist_cnn": dict(**_PAPER, global_levels=ALL_LEVELS, other_levels=None, points=ALL_POINTS, seeds=SEEDS,
+                             curve_eval_every=1, featured_mode="a5-e5"),
+        "05_cifar10_resnet18": dict(**_PAPER, global_levels=ALL_LEVELS, other_levels=None, points=ALL_POINTS,
+                                    seeds=SEEDS, curve_eval_every=1, featured_mode="a5-e5"),
+        "06_wikitext2_transformer": dict(**_PAPER, global_levels=ALL_LEVELS, other_levels=None, points=ALL_POINTS,
+                                         seeds=SEEDS, curve_eval_every=1, featured_mode="a5-e5"),
         "07_ablations": dict(mnist=_PAPER, cifar10=_PAPER, mode="a1-e1", seed=0),
         "08_paper_figures": dict(cifar10=_PAPER, table_models=TABLE_MODELS, seed=0),
     },

@@ -2,14 +2,15 @@
 
     heterofl reproduce --profile smoke                 # every notebook end to end in minutes (CI)
     heterofl reproduce --profile workshop              # each notebook in at most 4 minutes on a laptop
-    heterofl reproduce --profile quick                 # the whole suite on a laptop CPU in about half an hour
+    heterofl reproduce --profile quick                 # the figures: the whole suite on a laptop CPU in under 90 minutes
     heterofl reproduce --profile paper --only 03,04    # the paper's settings (a GPU; hours to days)
 
 Each notebook gets the profile's name (and the paths) injected into its cell tagged
 ``parameters`` and reads its scale from the profile table (profiles.py); its executed copy is kept in ``<out>/notebooks``; its runs live
 in ``<out>/runs`` (a finished run is read back, an interrupted one continues, so
-running the same command again picks up where it stopped); its figures (PNG,
-PDF and a JSON record each) go to the figures folder. A failing notebook stops
+running the same command again picks up where it stopped; ``--fresh`` trains
+everything again); its figures (PNG, PDF and a JSON record each) go to the figures
+folder, with ``reproduction.json``: the per-notebook seconds of the run. A failing notebook stops
 the reproduction with the notebook, the cell and the error named (exit 1); bad
 input (an unknown profile or notebook name, no data) exits 2.
 """
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -102,9 +104,10 @@ def figures_folder(profile: str, out: str | os.PathLike | None = None,
 
 def reproduce(profile: str, only: Sequence[str] | None = None, out: str | os.PathLike | None = None,
               figures: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
-              threads: int | None = None, log_output: bool = False) -> dict[str, Any]:
+              threads: int | None = None, log_output: bool = False, fresh: bool = False) -> dict[str, Any]:
     """Execute the selected notebooks at ``profile``; returns the summary it also writes to
-    ``<out>/reproduction.json`` (per notebook: its status and seconds). Raises NotebookFailed
+    ``<out>/reproduction.json`` and beside the figures (per notebook: its status and seconds; paths relative
+    to the checkout). ``fresh`` deletes ``<out>/runs`` first, so every run trains again. Raises NotebookFailed
     on the first failing notebook."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
@@ -120,9 +123,12 @@ def reproduce(profile: str, only: Sequence[str] | None = None, out: str | os.Pat
     if threads is not None:  # inherited by the notebook kernels
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(threads)
-    summary_path = out_dir / "reproduction.json"
-    summary: dict[str, Any] = {"profile": profile, "data_root": str(root), "out": str(out_dir),
-                               "figures": str(figures_dir), "code_version": code_version(),
+    if fresh and (out_dir / "runs").is_dir():
+        print(f"--fresh: deleting {out_dir / 'runs'} (every run trains again)", flush=True)
+        shutil.rmtree(out_dir / "runs")
+    summary_paths = [out_dir / "reproduction.json", figures_dir / "reproduction.json"]
+    summary: dict[str, Any] = {"profile": profile, "data_root": portable(root), "out": portable(out_dir),
+                               "figures": portable(figures_dir), "fresh": fresh, "code_version": code_version(),
                                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
                                "threads": threads, "started": _now(), "notebooks": {}}
     started = time.perf_counter()
@@ -137,19 +143,19 @@ def reproduce(profile: str, only: Sequence[str] | None = None, out: str | os.Pat
         except NotebookFailed:
             summary["notebooks"][notebook] = {"status": "failed", "seconds": round(time.perf_counter() - begin, 1)}
             summary["failed"] = notebook
-            _write(summary_path, summary)
+            _write(summary_paths, summary)
             raise
         took = time.perf_counter() - begin
-        summary["notebooks"][notebook] = {"status": "ok", "seconds": round(took, 1), "executed": str(target),
+        summary["notebooks"][notebook] = {"status": "ok", "seconds": round(took, 1), "executed": portable(target),
                                           "settings": dict(PROFILES[profile][notebook])}
         print(f"[{notebook}] done in {took:.0f} s -> {target}", flush=True)
-        _write(summary_path, summary)
+        _write(summary_paths, summary)
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     summary["finished"] = _now()
     summary["figures_written"] = sorted(p.name for p in figures_dir.glob("*.png")) if figures_dir.is_dir() else []
-    _write(summary_path, summary)
+    _write(summary_paths, summary)
     print(f"done in {summary['wall_seconds']:.0f} s; {len(summary['figures_written'])} figures in {figures_dir}; "
-          f"summary {summary_path}", flush=True)
+          f"summary {summary_paths[0]}", flush=True)
     return summary
 
 
@@ -157,15 +163,22 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _write(path: Path, summary: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(summary, indent=2, default=str).encode()))
+def portable(path: Path) -> str:
+    """``path`` relative to the checkout (``../shared/data``, ``figures``): records carry no machine's paths."""
+    return os.path.relpath(path, repo_root())
+
+
+def _write(paths: Sequence[Path], summary: dict[str, Any]) -> None:
+    for path in paths:
+        atomic_write(path, lambda f: f.write(json.dumps(summary, indent=2, default=str).encode() + b"\n"))
 
 
 # ----------------------------------------------------------------------------- the command
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     try:
-        reproduce(args.profile, args.only, args.out, args.figures, args.data_root, args.threads, args.log_output)
+        reproduce(args.profile, args.only, args.out, args.figures, args.data_root, args.threads, args.log_output,
+                  args.fresh)
     except NotebookFailed as failure:
         print(f"heterofl reproduce: {failure}", file=sys.stderr)
         return 1
@@ -199,5 +212,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
                         help="CPU threads per notebook kernel (sets OMP_NUM_THREADS; 1 is fastest on a CPU "
                              "shared with other busy processes)")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete <out>/runs first and train every run again (default: finished runs are read "
+                             "back; a change to the code that makes results retrains on its own)")
     parser.set_defaults(handler=_cmd_reproduce)
     return parser

@@ -1,6 +1,7 @@
 """A run is a folder: resolved config, tidy per-round metrics, final and best checkpoints.
 
-    <out>/run.json        config, data source, code version, device, versions
+    <out>/run.json        config, data source, code version (and the results version: a hash of
+                          the code that makes results), device, versions
     <out>/metrics.csv     round, split, metric, value, elapsed_s (one row per number)
     <out>/checkpoint.pt   the latest round: global state and everything needed to resume
     <out>/best.pt         the round with the best test metric (the published convention:
@@ -13,6 +14,8 @@ never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import io
 import json
 import os
@@ -54,6 +57,34 @@ def code_version(package: Path = Path(__file__).parent) -> str:
     if not described or changed is None:
         return __version__
     return f"{__version__}+{described}{'-dirty' if changed else ''}"
+
+
+# The package's top-level modules that only present, time, launch or count: they cannot change a run's numbers.
+PRESENTATION_MODULES = frozenset({"__init__.py", "__main__.py", "bench.py", "cli.py", "data_cli.py", "exercises.py",
+                                  "plots.py", "profiles.py", "reproduce.py", "sizes.py"})
+
+
+def results_version(package: Path | None = None) -> str:
+    """A short hash of the code that makes results: every source file of the package except
+    :data:`PRESENTATION_MODULES`. Run caches are keyed on it, so a change there retrains.
+
+    Without ``package``: this package, hashed once per process (at first use), so an edit made while a
+    reproduction runs does not move its run folders."""
+    return _imported_results_version() if package is None else _hash_sources(package)
+
+
+@functools.lru_cache(maxsize=1)
+def _imported_results_version() -> str:
+    return _hash_sources(Path(__file__).parent)
+
+
+def _hash_sources(package: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in package.rglob("*") if p.suffix in (".py", ".json") and p.is_file()
+                   and "__pycache__" not in p.parts and str(p.relative_to(package)) not in PRESENTATION_MODULES)
+    for path in files:
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def _git(cwd: Path, *args: str) -> str | None:
@@ -104,7 +135,7 @@ class RunFolder:
         if resume and self.checkpoint.exists():
             self._check_same_config(cfg)
         record = {"config": cfg.to_dict(), "data": {"name": data_name, "source": data_source},
-                  "code_version": code_version(), "device": device, "torch": torch.__version__,
+                  "code_version": code_version(), "results_version": results_version(), "device": device, "torch": torch.__version__,
                   "python": platform.python_version(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "best_checkpoint": BEST_LABEL}
         atomic_write(self.path / "run.json", lambda f: f.write(json.dumps(record, indent=2).encode()))

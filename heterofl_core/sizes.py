@@ -32,7 +32,7 @@ from .families import WIKITEXT2_VOCAB, get_family
 from .models import model_builder
 
 COUNTED_PARAMETERS = ("weight", "bias")  # the authors count only these parameter names
-DEFAULT_VOCAB_SIZE = WIKITEXT2_VOCAB  # a text family's default vocabulary, without the mask token
+DEFAULT_VOCAB_SIZE = WIKITEXT2_VOCAB  # a text family's default vocabulary (the authors' WikiText2), without the mask token
 
 
 @dataclass(frozen=True)

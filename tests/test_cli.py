@@ -82,6 +82,13 @@ def test_sizes_json_resnet18(capsys):
     assert [row["params"] for row in rows[:5]] == sorted((row["params"] for row in rows[:5]), reverse=True)
 
 
+def test_sizes_transformer_counts_the_authors_wikitext2_vocabulary(capsys):
+    """Their vocabulary ('<ukn>', '<eos>' and the training words) makes level a 73.49 MB, as the authors count it."""
+    assert main(["sizes", "--model", "transformer", "--mode", "a-b-c-d-e"]) == 0
+    level_a = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("a "))
+    assert "73.49" in level_a.split(), level_a
+
+
 def test_sizes_table(capsys):
     assert main(["sizes", "--model", "conv", "--mode", "a1-e1"]) == 0
     table = capsys.readouterr().out

@@ -7,6 +7,8 @@ from functools import partial
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import matplotlib.text
 
 matplotlib.use("Agg")
 
@@ -16,38 +18,77 @@ import pytest  # noqa: E402
 
 from heterofl_core import plots  # noqa: E402
 from heterofl_core.config import LEVEL_RATES  # noqa: E402
-from heterofl_core.experiments import interpolation_experiments, interpolation_modes, DataSpec, Scale  # noqa: E402
+from heterofl_core import experiments as ex  # noqa: E402
+from heterofl_core.experiments import (  # noqa: E402
+    DataSpec, Scale, interpolation_experiments, interpolation_modes, interpolation_points)
 from heterofl_core.models import build_model  # noqa: E402
 from heterofl_core.slicing import Slicer  # noqa: E402
 
 
-def toy_summary() -> pd.DataFrame:
-    rows = []
-    for x in "ab":
-        rows.append({"global_level": x, "other_level": None, "i": 10, "params": 100.0 if x == "a" else 25.0,
-                     "final_global_accuracy": 90.0})
-        for y in "bcde"[("ab".index(x)):]:
-            for i in (1, 5, 9):
-                rows.append({"global_level": x, "other_level": y, "i": i, "params": 10.0 * i,
-                             "final_global_accuracy": 80 + i})
-    return pd.DataFrame(rows)
+def toy_points() -> pd.DataFrame:
+    """Two panels (a, b), lines to every smaller level, three seeds per mixture."""
+    layout = interpolation_modes("ab", [1, 5, 9], small_ends=True)
+    rows = [{"name": mode, "seed": seed, "params": ex.size_of("conv", mode)["params"],
+             "final_global_accuracy": 80.0 + "edcba".index(mode[0]) + seed}
+            for mode in dict.fromkeys(r["mode"] for r in layout) for seed in range(3)]
+    return interpolation_points(layout, pd.DataFrame(rows), "global_accuracy")
+
+
+def test_interpolation_points_are_the_mean_and_range_over_seeds() -> None:
+    points = toy_points()
+    row = points[(points["panel"] == "a") & (points["mix"] == "a5-e5")].iloc[0]
+    assert (row["mean"], row["low"], row["high"], row["seeds"]) == (85.0, 84.0, 86.0, [0, 1, 2])
+    assert row["share_big"] == 0.5 and row["line"] == "e"
+    ends = points[(points["panel"] == "b") & (points["share_big"] == 0)]
+    assert sorted(ends["mix"]) == ["c1", "d1", "e1"], "each line starts at its small level alone"
+
+
+def test_trend_shown_compares_the_ends_beyond_their_range() -> None:
+    points = toy_points()
+    assert ex.trend_shown(points) == {"a": True, "b": True}
+    close = points.copy()
+    close.loc[(close["mix"] == "e1"), "high"] = 200.0  # e alone's best seed above a alone's worst
+    assert ex.trend_shown(close) == {"a": False, "b": False}
+    assert ex.trend_shown(points, lower_is_better=True) == {"a": False, "b": False}
+    one_seed = points.assign(seeds=[[0]] * len(points), low=points["mean"], high=points["mean"])
+    assert ex.trend_shown(one_seed) == {"a": False, "b": False}, "one seed shows no spread, so no trend"
 
 
 def test_interpolation_figure_has_one_panel_per_global_level_and_one_line_per_smaller_level() -> None:
-    fig = plots.interpolation_figure(toy_summary(), "global_accuracy", "toy", ["a note"])
+    fig = plots.interpolation_figure(toy_points(), "global_accuracy", "toy", "quick: 3 seeds",
+                                     paper={"a": 99.5, "e": 77.0}, reference=(10.0, "chance"))
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in axes] == ["global model a (rate 1)", "global model b (rate 0.5)"]
-    labels = [line.get_label() for line in axes[0].get_lines()]
-    assert labels == ["a–b", "a–c", "a–d", "a–e", "a alone"]
-    first = axes[0].get_lines()[0]
-    assert list(first.get_xdata()) == [10.0, 50.0, 90.0, 100.0], "each line ends at x alone"
+    labels = axes[0].get_legend_handles_labels()[1]
+    assert labels == ["a alone", "paper", "chance", "a–b: mean, range", "a–c: mean, range", "a–d: mean, range",
+                      "a–e: mean, range"], labels
+    first = axes[0].containers[0].lines[0]
+    assert list(first.get_ydata()) == [84.0, 85.0, 85.0, 85.0, 85.0], "b alone, a1-b9, a5-b5, a9-b1, a alone"
+    shares = [t.get_text() for t in axes[0].texts][:5]
+    assert shares == ["0%", "10%", "50%", "90%", "100%"], "each point labelled with the share of big clients"
+    assert "quick: 3 seeds" in fig._suptitle.get_text()
+
+
+def test_figures_keep_every_text_at_least_14_points() -> None:
+    """Projector-ready: no legend, tick, label or title text under 14 pt, at the size the PNG is written."""
+    plots.use_style()  # as every notebook does before drawing
+    history = pd.DataFrame([{"name": "a1", "round": r, "split": s, "metric": m, "value": float(r)}
+                            for r in (1, 2) for s, m in (("train", "train_loss"), ("test", "global_perplexity"))])
+    figures = [plots.interpolation_figure(toy_points(), "global_accuracy", "toy", "banner"),
+               plots.learning_curves(history, "global_perplexity", "curves", "banner"),
+               plots.table_figure(pd.DataFrame({"model": ["a"], "acc": ["1.00"]}), "T", "banner")]
+    for fig in figures:
+        fig.canvas.draw()
+        sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_text().strip() and t.get_visible()]
+        assert sizes and min(sizes) >= 14, sorted(set(sizes))
+        plt.close(fig)
 
 
 def test_learning_curves_and_tables_save_with_records(tmp_path: Path) -> None:
     history = pd.DataFrame([{"name": n, "round": r, "split": s, "metric": m, "value": float(r)}
                             for n in ("a1", "a5-e5") for r in (1, 2, 3)
                             for s, m in (("train", "train_loss"), ("test", "global_accuracy"))])
-    fig = plots.learning_curves(history, "global_accuracy", "curves", "note")
+    fig = plots.learning_curves(history, "global_accuracy", "curves", "quick: 1 seed")
     meta = plots.record("smoke", "curves", data_source=["somewhere"], configs=[{"x": 1}], reductions=["1 round"])
     paths = plots.save_figure(fig, tmp_path, "curves_toy", meta)
     assert [p.suffix for p in paths] == [".png", ".pdf", ".json"] and all(p.stat().st_size > 0 for p in paths)
@@ -97,6 +138,10 @@ def test_interpolation_grid_matches_the_spec() -> None:
         interpolation_modes(["e"], [5])
     grid = interpolation_experiments(DataSpec("MNIST", "/nowhere", 100, 10), Scale(rounds=2, num_users=10, frac=0.5),
                                      ["a"], [5], curve_points=[5], curve_eval_every=1)
+    seeded = interpolation_experiments(DataSpec("MNIST", "/nowhere", 100, 10), Scale(rounds=2, num_users=10, frac=0.5),
+                                       ["a", "b"], [5], other_levels=["e"], small_ends=True, seeds=[0, 1, 2])
+    assert [e.name for e in seeded[:5]] == ["a1", "e1", "a5-e5", "b1", "b5-e5"], "e alone once, shared by the panels"
+    assert [e.cfg.seed for e in seeded] == [0] * 5 + [1] * 5 + [2] * 5
     assert [e.cfg.control for e in grid][:2] == ["1_10_0.5_iid_fix_a1_bn_1_1", "1_10_0.5_iid_fix_a5-b5_bn_1_1"]
     assert all(e.cfg.eval_every == 1 and e.cfg.milestones == () for e in grid)
     assert len({e.key for e in grid}) == len(grid), "one run folder per experiment"

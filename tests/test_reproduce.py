@@ -163,6 +163,25 @@ def test_smoke_writes_every_figure_with_its_record(smoke: tuple[Path, dict]) -> 
 
 @pytest.mark.slow
 @needs_data
+def test_smoke_records_hold_their_points_their_training_code_and_no_machine_path(smoke: tuple[Path, dict]) -> None:
+    out, summary = smoke
+    figures = out / "figures"
+    machine = [str(out.resolve()), str(DATA.resolve()), str(Path.home()), str(Path(__file__).resolve().parents[1])]
+    texts = {p.name: p.read_text() for p in figures.iterdir() if p.suffix in (".json", ".md")}
+    assert "reproduction.json" in texts, "the run's per-notebook seconds are written beside the figures"
+    for name, text in texts.items():
+        assert not [m for m in machine if m in text], f"{name} holds a machine's absolute path"
+    seconds = json.loads(texts["reproduction.json"])["notebooks"]
+    assert set(seconds) == set(rp.NOTEBOOKS) and all(run["seconds"] > 0 for run in seconds.values())
+    for record in (json.loads(texts[n]) for n in texts if n.startswith("interpolation_")):
+        assert record["trained_with"] and all(v["results_version"] for v in record["trained_with"])
+        assert record["points"] and set(record["points"][0]) >= {"panel", "mix", "share_big", "mean_size", "mean",
+                                                                  "low", "high", "seeds"}
+        assert {p["share_big"] for p in record["points"]} >= {0.0, 1.0}, "each line runs from y alone to x alone"
+
+
+@pytest.mark.slow
+@needs_data
 def test_rerun_reads_finished_runs_back(smoke: tuple[Path, dict]) -> None:
     out, _ = smoke
     metrics = sorted((out / "runs" / "MNIST").glob("*/metrics.csv"))
@@ -194,3 +213,15 @@ def test_a_failing_notebook_names_the_cell_and_the_error(tmp_path: Path) -> None
     message = str(failure.value)
     assert "04_mnist_cnn.ipynb failed in cell" in message and "ValueError" in message and "'z'" in message
     assert (tmp_path / "notebooks" / "04_mnist_cnn.ipynb").exists(), "the executed copy is kept"
+
+
+@pytest.mark.slow
+@needs_data
+def test_fresh_retrains_every_run(smoke: tuple[Path, dict]) -> None:
+    out, _ = smoke
+    rp.reproduce("smoke", only=["03"], out=out, data_root=DATA)  # read back (runs last: it replaces the runs)
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs" / "MNIST").glob("*/metrics.csv")}
+    rp.reproduce("smoke", only=["03"], out=out, data_root=DATA, fresh=True)
+    after = {p: p.stat().st_mtime_ns for p in (out / "runs" / "MNIST").glob("*/metrics.csv")}
+    assert after and not set(after) - set(before), "the same run folders come back"
+    assert all(after[p] != before[p] for p in after), "every run trained again"

@@ -30,6 +30,11 @@ PAPER_CIFAR10 = {
     "e": ("1.00", "38K", "1.5M", "0.15"),
     "a-e": ("0.50", "4.8M", "165.9M", "18.43"),
     "a-b-c-d-e": ("0.27", "2.6M", "88.4M", "9.78"),
+    "b-e": ("0.51", "1.2M", "42.4M", "4.67"),
+    "b-c-d-e": ("0.33", "801K", "27.9M", "3.05"),
+    "c-e": ("0.53", "321K", "11.3M", "1.22"),
+    "c-d-e": ("0.44", "265K", "9.4M", "1.01"),
+    "d-e": ("0.63", "95K", "3.5M", "0.36"),
 }
 
 
@@ -45,7 +50,7 @@ def test_paper_cifar10_levels(level: str) -> None:
     assert paper_digits(level_size("resnet18", level)) == PAPER_CIFAR10[level]
 
 
-@pytest.mark.parametrize("mode", ["a-e", "a-b-c-d-e", "a1-b1-c1-d1-e1"])
+@pytest.mark.parametrize("mode", ["a-e", "a-b-c-d-e", "a1-b1-c1-d1-e1", "b-e", "b-c-d-e", "c-e", "c-d-e", "d-e"])
 def test_paper_cifar10_mixtures(mode: str) -> None:
     mixture = mixture_sizes("resnet18", mode)[-1]
     name = "a-b-c-d-e" if mode.startswith("a1") else mode
