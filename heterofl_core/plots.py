@@ -94,7 +94,8 @@ def interpolation_figure(points: pd.DataFrame, metric: str, title: str, banner: 
             ax.errorbar(line["mean_size"], line["mean"], yerr=[line["mean"] - line["low"], line["high"] - line["mean"]],
                         marker="o", lw=2.5, ms=8, capsize=5, color=colors[y], label=f"{x}–{y}: mean, range")
             for _, point in line.iterrows():
-                ax.annotate(f"{point['share_big']:.0%}", (point["mean_size"], point["mean"]), textcoords="offset points",
+                share = f"{point['share_big']:.0%}" + (f" ({y} alone)" if point["share_big"] == 0 else "")
+                ax.annotate(share, (point["mean_size"], point["mean"]), textcoords="offset points",
                             xytext=(6, -18 if lower_is_better else 8), fontsize=14, color=colors[y])
         if not alone.empty:
             ax.plot(alone["mean_size"], alone["mean"], marker="*", ms=22, ls="", color="black", label=f"{x} alone",
@@ -492,9 +493,20 @@ def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str, meta: dict[
     paths = [folder / f"{name}.png", folder / f"{name}.pdf", folder / f"{name}.json"]
     fig.savefig(paths[0], bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight")
-    paths[2].write_text(json.dumps({"figure": name, "files": [p.name for p in paths], **meta}, indent=2,
-                                   default=str) + "\n")
+    record_ = _strict_json({"figure": name, "files": [p.name for p in paths], **meta})
+    paths[2].write_text(json.dumps(record_, indent=2, default=str, allow_nan=False) + "\n")
     return paths
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with every NaN (a missing number, e.g. the line of an x-alone point) as None: strict JSON."""
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def save_table(table: pd.DataFrame, figures_dir: str | Path, name: str, meta: dict[str, Any],

@@ -86,7 +86,7 @@ def test_run_writes_folder_and_returns_tidy_metrics(tmp_path, data_root):
     record = json.loads((out / "run.json").read_text())
     assert ExperimentConfig.from_dict(record["config"]) == cfg
     assert record["config"]["control"] == CONTROL
-    assert record["data"]["name"] == "MNIST" and str(data_root) in record["data"]["source"]
+    assert record["data"] == {"name": "MNIST", "source": "MNIST (IDX files) at <data root>/MNIST"}
     assert isinstance(record["code_version"], str) and record["code_version"]
     assert record["device"] == "cpu"
 

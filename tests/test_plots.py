@@ -65,7 +65,7 @@ def test_interpolation_figure_has_one_panel_per_global_level_and_one_line_per_sm
     first = axes[0].containers[0].lines[0]
     assert list(first.get_ydata()) == [84.0, 85.0, 85.0, 85.0, 85.0], "b alone, a1-b9, a5-b5, a9-b1, a alone"
     shares = [t.get_text() for t in axes[0].texts][:5]
-    assert shares == ["0%", "10%", "50%", "90%", "100%"], "each point labelled with the share of big clients"
+    assert shares == ["0% (b alone)", "10%", "50%", "90%", "100%"], "each point labelled with the share of big clients"
     assert "quick: 3 seeds" in fig._suptitle.get_text()
 
 
@@ -89,10 +89,12 @@ def test_learning_curves_and_tables_save_with_records(tmp_path: Path) -> None:
                             for n in ("a1", "a5-e5") for r in (1, 2, 3)
                             for s, m in (("train", "train_loss"), ("test", "global_accuracy"))])
     fig = plots.learning_curves(history, "global_accuracy", "curves", "quick: 1 seed")
-    meta = plots.record("smoke", "curves", data_source=["somewhere"], configs=[{"x": 1}], reductions=["1 round"])
+    meta = plots.record("smoke", "curves", data_source=["somewhere"], configs=[{"x": 1}], reductions=["1 round"],
+                        points=[{"line": float("nan"), "mean": 1.0}])
     paths = plots.save_figure(fig, tmp_path, "curves_toy", meta)
     assert [p.suffix for p in paths] == [".png", ".pdf", ".json"] and all(p.stat().st_size > 0 for p in paths)
-    record = json.loads(paths[2].read_text())
+    record = json.loads(paths[2].read_text(), parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert record["points"] == [{"line": None, "mean": 1.0}], "a missing number is null: strict JSON"
     assert record["profile"] == "smoke" and record["code_version"] and record["date"] and record["configs"]
 
     table = pd.DataFrame({"model": ["a", "e"], "acc": ["91.00", "77.00"]})
