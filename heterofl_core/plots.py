@@ -160,7 +160,7 @@ def learning_curves(history: pd.DataFrame, metric: str, title: str, banner: str 
         ax.set_xlim(0.5, last + 0.5)
     if metric.endswith("perplexity"):
         _log_axis(right)
-        right.set_ylabel(METRIC_LABELS[metric] + ", log scale\n(lower is better)")
+        right.set_ylabel(METRIC_LABELS[metric].split(" (")[0] + ", log scale\n(lower is better)")
     right.legend(loc="best")
     _title(fig, title, banner)
     return fig
