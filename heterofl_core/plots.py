@@ -486,15 +486,18 @@ def record(profile: str, title: str, *, data_source: str | Sequence[str], config
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra, "configs": list(configs)}
 
 
-def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str, meta: dict[str, Any]) -> list[Path]:
-    """``<name>.png``, ``<name>.pdf`` and the record ``<name>.json``; returns the paths."""
+def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str, meta: dict[str, Any],
+                also: Sequence[Path] = ()) -> list[Path]:
+    """``<name>.png``, ``<name>.pdf`` and the record ``<name>.json``, which lists them and the files ``also``
+    written beside them (a table's .csv and .md); returns the paths."""
     folder = Path(figures_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.pdf", folder / f"{name}.json"]
     fig.savefig(paths[0], bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight")
-    record_ = _strict_json({"figure": name, "files": [p.name for p in paths], **meta})
-    paths[2].write_text(json.dumps(record_, indent=2, default=str, allow_nan=False) + "\n")
+    files = [p.name for p in [*paths[:2], *also, paths[2]]]
+    strict = _strict_json({"figure": name, "files": files, **meta})
+    paths[2].write_text(json.dumps(strict, indent=2, default=str, allow_nan=False) + "\n")
     return paths
 
 
@@ -524,11 +527,7 @@ def save_table(table: pd.DataFrame, figures_dir: str | Path, name: str, meta: di
                   + f"\nprofile `{meta.get('profile')}`, code `{meta.get('code_version')}`, {meta.get('date')}\n")
     fig = table_figure(table, meta.get("title", name), meta.get("banner"), highlight)
     try:
-        paths = save_figure(fig, folder, name, meta)
+        paths = save_figure(fig, folder, name, meta, also=[csv, md])
     finally:
         plt.close(fig)
-    record_path = paths[2]
-    saved = json.loads(record_path.read_text())
-    saved["files"] = [p.name for p in paths[:2]] + [csv.name, md.name, record_path.name]
-    record_path.write_text(json.dumps(saved, indent=2, default=str) + "\n")
-    return [*paths[:2], csv, md, record_path]
+    return [*paths[:2], csv, md, paths[2]]
