@@ -11,41 +11,19 @@ import argparse
 import dataclasses
 import json
 import sys
-import typing
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .config import ExperimentConfig, ConfigError, parse_control
+from .config import ExperimentConfig, parse_control, parse_overrides
 from .data import DATA_ROOT_RULE
 from .families import FAMILIES
 
 EXIT_BAD_INPUT = 2
 
-
-def _parse_override(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` for any config field, the value converted to the field's type."""
-    key, sep, raw = text.partition("=")
-    key = key.strip().replace("-", "_")
-    hints = typing.get_type_hints(ExperimentConfig)
-    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    if not sep or key not in fields:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with KEY one of: {', '.join(sorted(fields))}")
-    kind = hints[key]
-    try:
-        if kind is bool:
-            if raw.lower() not in ("0", "1", "true", "false"):
-                raise ValueError
-            return key, raw.lower() in ("1", "true")
-        if kind in (int, float, str):
-            return key, kind(raw)
-        if key == "model_mode":
-            from .config import parse_model_mode
-            return key, parse_model_mode(raw)
-        return key, tuple(int(part) for part in raw.split(",") if part)  # milestones, resnet_blocks
-    except ValueError:
-        raise ConfigError(f"--set {key}={raw!r}: not a valid {getattr(kind, '__name__', kind)}") from None
+if TYPE_CHECKING:
+    import pandas as pd
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
+def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="NAME",
                         help="dataset: MNIST, CIFAR10, WikiText2, or any text corpus folder in WikiText format "
                              "under the data root (e.g. SOTU)")
@@ -72,8 +50,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                              "batch on a CPU, but the process keeps its peak memory until it exits")
 
 
-def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    overrides = dict(_parse_override(text) for text in args.overrides)
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = parse_overrides(args.overrides)
     overrides["seed"] = args.seed
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
@@ -82,20 +60,30 @@ def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return parse_control(args.control, args.data, **overrides)
 
 
+def default_out(cfg: ExperimentConfig, prefix: str = "") -> str:
+    """The run folder when --out is not given: runs/<prefix><data>_<control>_seed<seed>."""
+    return f"runs/{prefix}{cfg.dataset}_{cfg.control}_seed{cfg.seed}"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .federated import run_experiment
     from .training import reuse_host_memory, set_cpu_threads
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     set_cpu_threads(args.threads)
     if args.reuse_host_memory:
         reuse_host_memory()
-    out = args.out or f"runs/{cfg.dataset}_{cfg.control}_seed{cfg.seed}"
+    out = args.out or default_out(cfg)
     frame = run_experiment(cfg, data_root=args.data_root, out_dir=out, device=args.device,
                            resume=args.resume, quiet=args.quiet)
+    print(finished_line(cfg, out, frame))
+    return 0
+
+
+def finished_line(cfg: ExperimentConfig, out: str, frame: "pd.DataFrame") -> str:
+    """What a finished run prints: its folder and last test metrics."""
     last = frame[frame["round"] == frame["round"].max()]
     summary = {row.metric: row.value for row in last.itertuples() if row.split == "test"}
-    print(f"finished {cfg.rounds} rounds -> {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
-    return 0
+    return f"finished {cfg.rounds} rounds -> {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items())
 
 
 def _cmd_sizes(args: argparse.Namespace) -> int:
@@ -149,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run (or resume) one federated experiment",
                               description="Runs an experiment with the paper's settings for the dataset, writes a "
                                           "run folder (run.json, metrics.csv, checkpoint.pt, best.pt) and can resume.")
-    _add_run_options(run)
+    add_run_options(run)
     run.set_defaults(handler=_cmd_run)
 
     from .reproduce import add_command as add_reproduce
@@ -160,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data_cli import add_command as add_data
     add_data(commands)
+
+    from heterofl_flower.cli import add_command as add_flower  # imports Flower only when a flower command runs
+    add_flower(commands)
 
     return parser
 

@@ -14,7 +14,8 @@ import math
 import numbers
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+import typing
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -24,6 +25,7 @@ LEVEL_RATES: dict[str, float] = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e":
 NORMS = ("bn", "in", "ln", "gn", "none")
 MODEL_SPLITS = ("fix", "dynamic")
 MASK_FILLS = ("zero", "-inf")  # see losses.FILLS
+SBN_SOURCES = ("server", "clients")  # see federated.Federation.evaluation_model
 _VALID_LEVELS = f"valid levels: {', '.join(f'{k}={v:g}' for k, v in LEVEL_RATES.items())}"
 
 
@@ -63,6 +65,7 @@ class ExperimentConfig:
     eval_every: int = 1  # sBN statistics + test every k rounds and at the last round
     sbn_samples: int = 0  # sBN statistics over this many random training samples; 0 = all of them
     sbn_batch_size: int = 0  # batches the sBN statistics average over; 0 = batch_size_train (the authors' loader)
+    sbn_source: str = "server"  # server: one pass over the training set (the paper); clients: each user's own pass, combined
     # --- model options ---
     resnet_blocks: tuple[int, ...] = (1, 1, 1, 2)  # the paper's numbers; the authors' later code: (2, 2, 2, 2)
     mask_fill: str = "zero"  # what replaces logits of absent classes: zero (authors) or -inf
@@ -200,6 +203,9 @@ def _validate(cfg: ExperimentConfig) -> None:
         need(_is_number(value, integer) and valid(value), f"{name} must be {text}, got {value!r}")
     need(cfg.model_split in MODEL_SPLITS, f"unknown model split {cfg.model_split!r}; valid: {', '.join(MODEL_SPLITS)}")
     need(cfg.norm in NORMS, f"unknown norm {cfg.norm!r}; valid: {', '.join(NORMS)}")
+    need(cfg.sbn_source in SBN_SOURCES, f"unknown sbn_source {cfg.sbn_source!r}; valid: {', '.join(SBN_SOURCES)}")
+    need(cfg.sbn_source == "server" or cfg.sbn_samples == 0,
+         "sbn_samples subsamples the server's pass; with sbn_source=clients every user passes over all its data")
     need(cfg.mask_fill in MASK_FILLS, f"unknown mask fill {cfg.mask_fill!r}; valid: {', '.join(MASK_FILLS)}")
     _validate_data_split(cfg.data_split, cfg.federated)
     check_model_mode(cfg.model_mode)
@@ -340,6 +346,34 @@ def parse_control(control: str, dataset: str = "MNIST", **overrides: Any) -> Exp
     if _family(settings["model"]).data_kind == "text" and "batch_size_train" not in overrides:
         settings["batch_size_train"] = settings["num_users"]  # the training stream: one row per user
     return ExperimentConfig(dataset=dataset, **settings)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for any config field, the value converted to the field's type."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().replace("-", "_")
+    hints = typing.get_type_hints(ExperimentConfig)
+    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    if not sep or key not in fields:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with KEY one of: {', '.join(sorted(fields))}")
+    kind = hints[key]
+    try:
+        if kind is bool:
+            if raw.lower() not in ("0", "1", "true", "false"):
+                raise ValueError
+            return key, raw.lower() in ("1", "true")
+        if kind in (int, float, str):
+            return key, kind(raw)
+        if key == "model_mode":
+            return key, parse_model_mode(raw)
+        return key, tuple(int(part) for part in raw.split(",") if part)  # milestones, resnet_blocks
+    except ValueError:
+        raise ConfigError(f"--set {key}={raw!r}: not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+def parse_overrides(texts: Iterable[str]) -> dict[str, Any]:
+    """``{field: value}`` from ``KEY=VALUE`` texts (:func:`parse_override`; a later one wins)."""
+    return dict(parse_override(text) for text in texts)
 
 
 def paper_preset(dataset: str, data_split: str = "iid") -> dict[str, Any]:

@@ -36,10 +36,12 @@ from .models import model_builder
 from .runs import RunError, RunFolder, RunState, metrics_frame
 from .slicing import Slicer, State
 from .splits import ClientSplit, split_clients
-from .training import TrainStats, fast_layout, sbn_statistics, scheduled_lr, train_client
+from .training import (TrainStats, fast_layout, load_sbn_sums, sbn_statistics, sbn_sums, scheduled_lr,
+                       train_client)
 from .workloads import Workload, make_workload
 
 RoundCallback = Callable[[int, pd.DataFrame], None]
+RoundFunction = Callable[[State, int], tuple[State, dict[str, float]]]  # (global state, round) -> (new state, metrics)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -81,6 +83,11 @@ def round_generator(seed: int, round_: int, device: torch.device) -> torch.Gener
 def client_generator(seed: int, round_: int, user: int, device: torch.device) -> torch.Generator:
     """One client's own generator for one round: its shuffling, augmentation, token masks and dropout."""
     return torch.Generator(device).manual_seed(seed_for(seed, round_, 1, user))
+
+
+def client_sbn_generator(seed: int, round_: int, user: int, device: torch.device) -> torch.Generator:
+    """One client's generator for its sBN pass of a round (``sbn_source=clients``): its order and augmentation."""
+    return torch.Generator(device).manual_seed(seed_for(seed, round_, 3, user))
 
 
 @contextmanager
@@ -193,7 +200,7 @@ class Federation:
             metrics: dict[str, float] = {}
             if round_ % self.cfg.eval_every == 0 or round_ == self.cfg.rounds:
                 with timer.phase("sbn" if self.uses_sbn else "eval"):
-                    evaluated = self.evaluation_model(state, generator)
+                    evaluated = self.evaluation_model(state, generator, round_)
                 with timer.phase("eval"):
                     metrics = self.workload.evaluate(evaluated, generator)
             metrics.update(train_loss=(stats.loss_sum / max(stats.count, 1)).item(),
@@ -264,15 +271,45 @@ class Federation:
         """The user's label mask for the masked loss, or None when masking is off."""
         return self.workload.user_masks[user] if self.cfg.mask else None
 
-    def evaluation_model(self, state: State, generator: torch.Generator) -> nn.Module:
-        """A fresh full-width copy; with sBN, its running statistics over the training set."""
+    def evaluation_model(self, state: State, generator: torch.Generator, round_: int = 0) -> nn.Module:
+        """A fresh full-width copy; with sBN, its running statistics over the training set
+        (``round_`` seeds the clients' passes).
+
+        ``sbn_source=server`` (the paper): one pass over the whole training set, which the server
+        holds. ``clients``: every user's own pass over its own data (:meth:`user_sbn_sums`),
+        combined by adding their sums: what a deployment whose server holds no data can do.
+        """
+        model = self.evaluation_copy(state)
+        if self.uses_sbn and self.cfg.sbn_source == "server":
+            sbn_statistics(model, self.workload.stats_inputs(generator), self.cfg.sbn_batch)
+        elif self.uses_sbn:
+            load_sbn_sums(model, add_states([self.user_sbn_sums(model, user, round_)
+                                             for user in range(len(self.fixed_levels))]))
+        return model.eval()
+
+    def evaluation_copy(self, state: State) -> nn.Module:
+        """A fresh full-width evaluation model holding ``state`` (statistics not yet computed)."""
         model = fast_layout(self.seeded_build(self.build_eval, self.cfg.global_rate).to(self.device), training=False)
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all(k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
                                       for k in missing), (missing, unexpected)
-        if self.uses_sbn:
-            sbn_statistics(model, self.workload.stats_inputs(generator), self.cfg.sbn_batch)
-        return model.eval()
+        return model
+
+    def user_sbn_sums(self, model: nn.Module, user: int, round_: int) -> State:
+        """One user's sBN pass over its own training data (training.sbn_sums): its share of the
+        statistics under ``sbn_source=clients``. Overwrites ``model``'s statistics."""
+        generator = client_sbn_generator(self.cfg.seed, round_, user, self.device)
+        sbn_statistics(model, self.workload.user_stats_inputs(user, generator), self.cfg.sbn_batch)
+        return sbn_sums(model)
+
+
+def add_states(states: list[State]) -> State:
+    """Entry-wise sum of states with the same keys, added in list order."""
+    total = {key: value.clone() for key, value in states[0].items()}
+    for state in states[1:]:
+        for key, value in state.items():
+            total[key] += value
+    return total
 
 
 class PhaseTimer:
@@ -305,11 +342,16 @@ class PhaseTimer:
 def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None = None, data_root: str | Path | None = None,
                    out_dir: str | Path | None = None, device: str = "auto", resume: bool = False, quiet: bool = False,
                    on_round: RoundCallback | None = None, eval_batch_size: int | None = None,
-                   cohort_rule: CohortRule | None = None) -> pd.DataFrame:
+                   cohort_rule: CohortRule | None = None,
+                   rounds_by: Callable[[Federation], RoundFunction] | None = None,
+                   runtime: dict[str, object] | None = None) -> pd.DataFrame:
     """Run (or resume) one experiment; return its tidy per-round metrics.
 
     With ``out_dir`` the run is a folder (runs.py) and can be resumed; ``on_round``
     is called after every round with the metrics so far (live plots in notebooks).
+    ``rounds_by(federation)`` gives the function that runs one round (default:
+    :meth:`Federation.run_round`, in this process; heterofl_flower's runs it through
+    Flower); ``runtime`` describes where rounds run, for run.json.
     """
     if resume and out_dir is None:
         raise ValueError("resume needs the run folder to continue: pass out_dir (--out)")
@@ -322,7 +364,7 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
     folder = RunFolder(out_dir) if out_dir is not None else None
     run, state = RunState(), None
     if folder is not None:
-        folder.start(cfg, data.name, data.source, str(torch_device), resume)
+        folder.start(cfg, data.name, data.source, str(torch_device), resume, runtime)
         if resume and folder.checkpoint.exists():
             saved = folder.load()
             run = RunState(**saved["run"])
@@ -335,8 +377,9 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
 
     bar = tqdm(range(run.round + 1, cfg.rounds + 1), initial=run.round, total=cfg.rounds, disable=quiet,
                desc=f"{cfg.dataset} {cfg.control}", unit="round", dynamic_ncols=True)
+    run_round = rounds_by(federation) if rounds_by is not None else federation.run_round
     for round_ in bar:
-        state, metrics = federation.run_round(state, round_)
+        state, metrics = run_round(state, round_)
         run.round, run.elapsed_s = round_, run.elapsed_s + metrics["round_s"]
         run.rows.extend({"round": round_, "split": _split_of(name), "metric": name, "value": value,
                          "elapsed_s": round(run.elapsed_s, 3)} for name, value in metrics.items())

@@ -127,21 +127,23 @@ class RunFolder:
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
 
-    def start(self, cfg: ExperimentConfig, data_name: str, data_source: str, device: str, resume: bool) -> None:
-        """Check the folder can take this run; write run.json."""
+    def start(self, cfg: ExperimentConfig, data_name: str, data_source: str, device: str, resume: bool,
+              runtime: dict[str, Any] | None = None) -> None:
+        """Check the folder can take this run; write run.json (``runtime``: where rounds run, default in-process)."""
         if self.checkpoint.exists() and not resume:
             raise RunError(f"{self.path} already holds a run (checkpoint.pt); pass --resume to continue it, "
                            f"or choose another --out")
         if resume and self.checkpoint.exists():
             self._check_same_config(cfg)
         record = {"config": cfg.to_dict(), "data": {"name": data_name, "source": data_source},
-                  "code_version": code_version(), "results_version": results_version(), "device": device, "torch": torch.__version__,
+                  "code_version": code_version(), "results_version": results_version(), "device": device,
+                  "runtime": runtime or {"engine": "in-process"}, "torch": torch.__version__,
                   "python": platform.python_version(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "best_checkpoint": BEST_LABEL}
         atomic_write(self.path / "run.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
 
     def _check_same_config(self, cfg: ExperimentConfig) -> None:
-        saved = self.load()["config"]
+        saved = {**ExperimentConfig().to_dict(), **self.load()["config"]}  # fields added since: their defaults
         ours = cfg.to_dict()
         differ = sorted(k for k in set(saved) | set(ours) if k != "rounds" and saved.get(k) != ours.get(k))
         if differ:

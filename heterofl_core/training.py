@@ -131,6 +131,34 @@ def sbn_statistics(model: nn.Module, inputs: Iterable[torch.Tensor], batch_size:
     return model.eval()
 
 
+def sbn_sums(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The statistics an sBN pass (:func:`sbn_statistics`) left in ``model`` as sums over its
+    batches: per BatchNorm, the sum of the batch means, of the batch variances, and the number of
+    batches. Passes over disjoint data (clients' own) combine by adding these (:func:`load_sbn_sums`)."""
+    sums = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            batches = module.num_batches_tracked
+            sums[f"{name}.running_mean"] = module.running_mean * batches
+            sums[f"{name}.running_var"] = module.running_var * batches
+            sums[f"{name}.num_batches_tracked"] = batches.clone()
+    return sums
+
+
+@torch.no_grad()
+def load_sbn_sums(model: nn.Module, sums: dict[str, torch.Tensor]) -> nn.Module:
+    """Set ``model``'s sBN statistics from added :func:`sbn_sums`: each the average over every
+    batch of every pass, as one :func:`sbn_statistics` pass over all those batches gives (up to
+    float rounding). Returns the model in eval mode."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            batches = sums[f"{name}.num_batches_tracked"]
+            module.running_mean.copy_(sums[f"{name}.running_mean"] / batches.clamp(min=1))
+            module.running_var.copy_(sums[f"{name}.running_var"] / batches.clamp(min=1))
+            module.num_batches_tracked.copy_(batches)
+    return model.eval()
+
+
 def fast_layout(model: nn.Module, training: bool = True) -> nn.Module:
     """Channels-last weights (in place) where safe: oneDNN and cuDNN run convolution, BatchNorm
     and pooling fastest on NHWC activations, which channels-last weights select (measured: a

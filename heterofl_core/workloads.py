@@ -28,6 +28,7 @@ class Workload(Protocol):
 
     def client_batches(self, user: int, generator: torch.Generator) -> Callable[[], Iterable[Batch]]: ...
     def stats_inputs(self, generator: torch.Generator) -> Iterable[torch.Tensor]: ...
+    def user_stats_inputs(self, user: int, generator: torch.Generator) -> Iterable[torch.Tensor]: ...
     def evaluate(self, model: nn.Module, generator: torch.Generator) -> dict[str, float]: ...
 
 
@@ -63,9 +64,17 @@ class ImageWorkload:
         order = torch.randperm(len(images), generator=generator, device=images.device)
         if 0 < self.cfg.sbn_samples < len(images):
             order = order[:self.cfg.sbn_samples]
+        return self._stats_chunks(order, generator)
+
+    def user_stats_inputs(self, user: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """The same over one user's training images: its part of the clients' sBN pass."""
+        index = self.split.train[user]
+        return self._stats_chunks(index[torch.randperm(len(index), generator=generator, device=index.device)], generator)
+
+    def _stats_chunks(self, order: torch.Tensor, generator: torch.Generator) -> Iterator[torch.Tensor]:
         batch = self.cfg.sbn_batch
         for index in order.split(max(batch, self.eval_batch_size // batch * batch)):
-            x = images[index]
+            x = self.data.train_x[index]
             yield augment_batch(x, generator) if self.data.augment else x
 
     @torch.no_grad()
@@ -103,6 +112,9 @@ class TextWorkload:
 
     def stats_inputs(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
         return iter(())  # LayerNorm only: no sBN statistics
+
+    def user_stats_inputs(self, user: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        return iter(())
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, generator: torch.Generator) -> dict[str, float]:

@@ -1,0 +1,125 @@
+"""``heterofl flower``: the same experiments on Flower (its ``flower`` extra).
+
+- ``heterofl flower simulate``: Flower's Simulation Engine on Ray, writing the same run
+  folder as ``heterofl run``.
+- ``heterofl flower supernode``: a thin wrapper over ``flower-supernode`` that gives a node
+  its partition and data root (the deployment recipe: README, "Flower").
+- ``heterofl flower app``: the folder of the Flower app that ``flwr run`` submits.
+
+Flower is imported only when one of these runs; without it they end with the command
+that installs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+APP_DIR = Path(__file__).with_name("app")  # the Flower app project (pyproject.toml) for `flwr run`
+INSTALL_HINT = "pip install 'heterofl[flower]' (Python >= 3.11), or `make install-flower` in a checkout"
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Add ``heterofl flower ...`` to the ``heterofl`` parser."""
+    from heterofl_core.cli import add_run_options
+
+    flower = commands.add_parser("flower", help="run experiments on Flower: simulation on Ray, or real devices",
+                                 description="HeteroFL on Flower 1.42: `simulate` runs an experiment through "
+                                             "Flower's Simulation Engine on Ray; `supernode` starts a node of a "
+                                             "deployment; `app` prints the Flower app folder that `flwr run` submits.")
+    actions = flower.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    simulate = actions.add_parser("simulate", help="run an experiment through Flower's Simulation Engine (Ray)",
+                                  description="The experiment of `heterofl run` with the same arguments, its clients "
+                                              "on virtual SuperNodes in Ray; writes the same run folder.")
+    add_run_options(simulate)
+    simulate.add_argument("--supernodes", type=int, default=10, metavar="N",
+                          help="virtual SuperNodes; user u lives on node u mod N (default 10)")
+    simulate.add_argument("--cpus-per-node", type=float, default=1.0, metavar="C",
+                          help="CPUs a node's ClientApp takes in Ray: how many train at once (default 1)")
+    simulate.add_argument("--gpus-per-node", type=float, default=0.0, metavar="G",
+                          help="share of a GPU per node's ClientApp (default 0)")
+    simulate.add_argument("--ray-address", metavar="HOST:PORT",
+                          help="a running Ray cluster to spread the nodes over (default: a local Ray)")
+    simulate.add_argument("--timeout", type=float, metavar="S",
+                          help="seconds to wait for a round's replies; later replies do not count (default: all)")
+    simulate.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    simulate.set_defaults(handler=_cmd_simulate)
+
+    supernode = actions.add_parser("supernode", help="start a Flower SuperNode holding one partition (deployment)",
+                                   description="Runs `flower-supernode --superlink HOST:PORT --node-config "
+                                               "\"partition-id=K num-partitions=N data-root=DIR\"` plus any other "
+                                               "flower-supernode options given after --.")
+    supernode.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API")
+    supernode.add_argument("--partition", required=True, type=int, metavar="K", help="this node's partition, 0..N-1")
+    supernode.add_argument("--partitions", required=True, type=int, metavar="N", help="how many nodes there are")
+    supernode.add_argument("--data-root", metavar="DIR", help="this node's own data root (default: the library's rule)")
+    supernode.add_argument("--device", default="cpu", help="cpu or cuda[:N] for this node's training (default cpu)")
+    supernode.add_argument("--print", dest="print_only", action="store_true", help="print the command, do not run it")
+    supernode.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flower-supernode options")
+    supernode.set_defaults(handler=_cmd_supernode)
+
+    app = actions.add_parser("app", help="print the folder of the Flower app that `flwr run` submits")
+    app.set_defaults(handler=_cmd_app)
+
+
+def require_flower() -> None:
+    """A clear error when the flower extra is not installed."""
+    if sys.version_info < (3, 11):
+        raise ValueError(f"Flower 1.42 needs Python >= 3.11; this is {sys.version.split()[0]}")
+    if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
+        raise ValueError(f"heterofl flower needs Flower and Ray: {INSTALL_HINT}")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from heterofl_core.cli import config_from_args, default_out, finished_line
+    from heterofl_core.training import set_cpu_threads
+    require_flower()
+    cfg = config_from_args(args)
+    if args.supernodes < 1:
+        raise ValueError(f"--supernodes must be at least 1, got {args.supernodes}")
+    set_cpu_threads(args.threads)
+    from .simulation import offline_environment, simulate
+    from .server_app import FlowerRun
+    offline_environment()
+    out = args.out or default_out(cfg, "flower_")
+    run = FlowerRun(cfg, out, args.supernodes, args.resume, args.data_root, args.device, args.quiet,
+                    timeout=args.timeout)
+    frame = simulate(run, args.cpus_per_node, args.gpus_per_node, args.ray_address, args.verbose)
+    print(finished_line(cfg, out, frame))
+    return 0
+
+
+def supernode_command(superlink: str, partition: int, partitions: int, data_root: str | None = None,
+                      device: str = "cpu", extra: list[str] | None = None) -> list[str]:
+    """The ``flower-supernode`` command line of one node."""
+    if not 0 <= partition < partitions:
+        raise ValueError(f"--partition must be in 0..{partitions - 1} for --partitions {partitions}, got {partition}")
+    config = f"partition-id={partition} num-partitions={partitions} device=\"{device}\""
+    if data_root:
+        config += f" data-root=\"{Path(data_root).resolve()}\""
+    executable = shutil.which("flower-supernode") or str(Path(sys.executable).with_name("flower-supernode"))
+    return [executable, "--superlink", superlink, "--node-config", config, *(extra or [])]
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    print(APP_DIR)
+    return 0
+
+
+def _cmd_supernode(args: argparse.Namespace) -> int:
+    require_flower()
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    command = supernode_command(args.superlink, args.partition, args.partitions, args.data_root, args.device, extra)
+    if args.print_only:
+        import shlex
+        print(shlex.join(command))
+        return 0
+    from .simulation import offline_environment
+    offline_environment()
+    os.execv(command[0], command)  # becomes flower-supernode: signals and exit code are Flower's
+    return 0  # not reached

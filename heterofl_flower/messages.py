@@ -1,0 +1,58 @@
+"""What travels between the server and the nodes, and how it is packed (Flower's records).
+
+Message types (Flower routes ``<category>.<action>`` to the client app's handler):
+
+- ``query.partition``: which partition a node holds (its ``node-config``), sent once.
+- ``train``: one client's round: the sub-model for its rate (one ``ArrayRecord`` per rate,
+  shared by every message of that rate) and the client's user, rate and round.
+  The reply holds the trained sub-model and the client's training sums.
+- ``query.sbn``: the global model; the reply holds, per user the node hosts, the sums of
+  its sBN pass over its own data (``sbn_source=clients``).
+
+Every instruction carries the experiment's config as JSON, so a node needs nothing but
+its data to take part.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from heterofl_core.config import ExperimentConfig
+from heterofl_core.slicing import State
+
+TRAIN = "train"
+PARTITION = "query.partition"
+SBN = "query.sbn"
+
+
+def to_record(state: State) -> ArrayRecord:
+    """A state dict as an ``ArrayRecord`` (copied to host memory)."""
+    return ArrayRecord({key: value.detach().cpu() for key, value in state.items()})
+
+
+def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> State:
+    """An ``ArrayRecord`` back as a state dict on ``device`` (writable tensors, exactly the values sent)."""
+    return {key: value.clone().to(device) for key, value in record.to_torch_state_dict().items()}
+
+
+def instruction(cfg: ExperimentConfig, data_root: str | None, **fields: int | float | str | list[int]) -> ConfigRecord:
+    """The config part of an instruction: the experiment, a data-root hint and the message's own fields."""
+    return ConfigRecord({"experiment": json.dumps(cfg.to_dict()), "data-root": data_root or "", **fields})
+
+
+def experiment_of(message: Message) -> ExperimentConfig:
+    """The experiment an instruction belongs to."""
+    return ExperimentConfig.from_dict(json.loads(str(message.content["config"]["experiment"])))
+
+
+def reply(message: Message, **records: object) -> Message:
+    """A reply to ``message`` holding ``records`` (ArrayRecord, MetricRecord or ConfigRecord by name)."""
+    return Message(RecordDict(records), reply_to=message)
+
+
+def array_bytes(message: Message) -> int:
+    """Bytes of the model tensors a message carries (its ArrayRecords; config and metrics are a few bytes more)."""
+    return sum(record.count_bytes() for record in message.content.array_records.values()) if message.has_content() else 0
