@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 APP_DIR = Path(__file__).with_name("app")  # the Flower app project (pyproject.toml) for `flwr run`
-INSTALL_HINT = "pip install 'heterofl[flower]' (Python >= 3.11), or `make install-flower` in a checkout"
+INSTALL_HINT = "pip install 'heterofl[flower]' (Python >= 3.11; a checkout's `make install` has it)"
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -63,6 +63,20 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     supernode.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flower-supernode options")
     supernode.set_defaults(handler=_cmd_supernode)
 
+    bench = actions.add_parser("bench", help="a paper-settings MNIST round through Flower vs in-process; bytes per level",
+                               description="Runs the same MNIST rounds (paper settings, "
+                                           "1_100_0.1_iid_fix_a1-e1_bn_1_1) in-process and through Flower's "
+                                           "simulation in one run and prints the ratio of their round times, and "
+                                           "each level's bytes per round against FedAvg's full model.")
+    bench.add_argument("--supernodes", type=int, default=10, metavar="N", help="virtual SuperNodes (default 10)")
+    bench.add_argument("--rounds", type=int, default=2, metavar="N",
+                       help="rounds of each run; the ratio skips round 1 (Ray's start) when N > 1 (default 2)")
+    bench.add_argument("--bytes-only", action="store_true", help="only the bytes per level (no training)")
+    bench.add_argument("--quick", action="store_true", help="1 local epoch, sBN over 2,000 images: numbers not meaningful")
+    bench.add_argument("--data-root", metavar="DIR", help="where MNIST lives (the library's rule by default)")
+    bench.add_argument("--json", metavar="FILE", help="also write every number to FILE as JSON")
+    bench.set_defaults(handler=_cmd_bench)
+
     app = actions.add_parser("app", help="print the folder of the Flower app that `flwr run` submits")
     app.set_defaults(handler=_cmd_app)
 
@@ -104,6 +118,22 @@ def supernode_command(superlink: str, partition: int, partitions: int, data_root
         config += f" data-root=\"{Path(data_root).resolve()}\""
     executable = shutil.which("flower-supernode") or str(Path(sys.executable).with_name("flower-supernode"))
     return [executable, "--superlink", superlink, "--node-config", config, *(extra or [])]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    require_flower()
+    import json
+    from .bench import bench_rounds, format_report, level_bytes
+    from .simulation import offline_environment
+    offline_environment()
+    report = {"bytes": level_bytes()}
+    if not args.bytes_only:
+        report["rounds"] = bench_rounds(args.data_root, args.supernodes, args.rounds, args.quick)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _cmd_app(args: argparse.Namespace) -> int:

@@ -56,7 +56,7 @@ class FlowerRun:
                              f"'data=\"MNIST\" control=\"1_10_0.5_iid_fix_a1-e1_bn_1_1\" supernodes=2 out=\"runs/x\"'")
         overrides = parse_overrides(shlex.split(str(config.get("set", ""))))
         for key, field in (("rounds", "rounds"), ("local-epochs", "local_epochs"), ("seed", "seed")):
-            if key in config:
+            if key in config and (key == "seed" or int(config[key]) > 0):  # type: ignore[arg-type]  # 0: the paper's
                 overrides[field] = int(config[key])  # type: ignore[arg-type]
         cfg = parse_control(str(config["control"]), str(config["data"]), **overrides)
         timeout = float(config.get("timeout", 0))  # type: ignore[arg-type]
