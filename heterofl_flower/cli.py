@@ -47,6 +47,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                           help="a running Ray cluster to spread the nodes over (default: a local Ray)")
     simulate.add_argument("--timeout", type=float, metavar="S",
                           help="seconds to wait for a round's replies; later replies do not count (default: all)")
+    simulate.add_argument("--train-samples", type=int, metavar="N",
+                          help="train on a seeded random subset of N training samples (as the notebooks' profiles)")
+    simulate.add_argument("--test-samples", type=int, metavar="N", help="evaluate on a seeded subset of N test samples")
     simulate.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     simulate.set_defaults(handler=_cmd_simulate)
 
@@ -102,7 +105,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     offline_environment()
     out = args.out or default_out(cfg, "flower_")
     run = FlowerRun(cfg, out, args.supernodes, args.resume, args.data_root, args.device, args.quiet,
-                    timeout=args.timeout)
+                    timeout=args.timeout, train_samples=args.train_samples, test_samples=args.test_samples)
     frame = simulate(run, args.cpus_per_node, args.gpus_per_node, args.ray_address, args.verbose)
     print(finished_line(cfg, out, frame))
     return 0

@@ -21,7 +21,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from heterofl_core.config import ExperimentConfig
-from heterofl_core.data import load_dataset
+from heterofl_core.data import ImageData, TextData, load_dataset
+from heterofl_core.experiments import subset
 from heterofl_core.federated import Federation, default_eval_batch_size, resolve_device
 
 from .messages import experiment_of, from_record, reply, to_record
@@ -77,16 +78,23 @@ def check_hosts(context: Context, user: int) -> None:
 
 
 def node_federation(message: Message, context: Context) -> Federation:
-    """The experiment's pieces on this node (built once per experiment, data root and device)."""
-    cfg = experiment_of(message)
-    config = context.node_config
-    data_root = str(config.get("data-root", "") or message.content["config"]["data-root"]) or None
-    return _federation(json.dumps(cfg.to_dict()), data_root, str(config.get("device", "cpu")))
+    """The experiment's pieces on this node (built once per experiment, data and device)."""
+    cfg, fields, config = experiment_of(message), message.content["config"], context.node_config
+    data_root = str(config.get("data-root", "") or fields["data-root"]) or None
+    return _federation(json.dumps(cfg.to_dict()), data_root, int(fields["train-samples"]), int(fields["test-samples"]),
+                       str(config.get("device", "cpu")))
 
 
 @lru_cache(maxsize=2)
-def _federation(experiment: str, data_root: str | None, device: str) -> Federation:
+def _federation(experiment: str, data_root: str | None, train_samples: int, test_samples: int,
+                device: str) -> Federation:
     cfg = ExperimentConfig.from_dict(json.loads(experiment))
     torch_device = resolve_device(device)
-    data = load_dataset(cfg.dataset, data_root)
+    data = experiment_data(cfg.dataset, data_root, train_samples or None, test_samples or None)
     return Federation.assemble(cfg, data, torch_device, default_eval_batch_size(torch_device))
+
+
+def experiment_data(name: str, data_root: str | None, train_samples: int | None,
+                    test_samples: int | None) -> ImageData | TextData:
+    """The dataset, or the seeded subset the notebooks' profiles use (the same on every node and the server)."""
+    return subset(load_dataset(name, data_root), train_samples, test_samples)

@@ -16,12 +16,23 @@ its data to take part.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from heterofl_core.config import ExperimentConfig
 from heterofl_core.slicing import State
+
+@dataclass(frozen=True)
+class DataChoice:
+    """Which data an experiment uses: a data-root hint for nodes whose node-config names none, and
+    the seeded subset (``experiments.subset``; None: all of it)."""
+
+    root: str | None = None
+    train_samples: int | None = None
+    test_samples: int | None = None
+
 
 TRAIN = "train"
 PARTITION = "query.partition"
@@ -38,9 +49,10 @@ def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> Stat
     return {key: value.clone().to(device) for key, value in record.to_torch_state_dict().items()}
 
 
-def instruction(cfg: ExperimentConfig, data_root: str | None, **fields: int | float | str | list[int]) -> ConfigRecord:
-    """The config part of an instruction: the experiment, a data-root hint and the message's own fields."""
-    return ConfigRecord({"experiment": json.dumps(cfg.to_dict()), "data-root": data_root or "", **fields})
+def instruction(cfg: ExperimentConfig, data: DataChoice, **fields: int | float | str) -> ConfigRecord:
+    """The config part of an instruction: the experiment, its data and the message's own fields."""
+    return ConfigRecord({"experiment": json.dumps(cfg.to_dict()), "data-root": data.root or "",
+                         "train-samples": data.train_samples or 0, "test-samples": data.test_samples or 0, **fields})
 
 
 def experiment_of(message: Message) -> ExperimentConfig:

@@ -26,7 +26,8 @@ from heterofl_core.config import ExperimentConfig, parse_control, parse_override
 from heterofl_core.federated import Federation, PhaseTimer, run_experiment
 from heterofl_core.slicing import State
 
-from .messages import to_record
+from .client_app import experiment_data
+from .messages import DataChoice, to_record
 from .strategy import HeteroFLStrategy, partitions
 
 
@@ -44,6 +45,8 @@ class FlowerRun:
     mode: str = "simulation"  # simulation or deployment (recorded in run.json)
     timeout: float | None = None  # seconds to wait for a round's replies; None: all of them
     connect_timeout: float = 300.0  # seconds to wait for the nodes to connect
+    train_samples: int | None = None  # a seeded subset of the data (experiments.subset); None: all of it
+    test_samples: int | None = None
 
     @classmethod
     def from_run_config(cls, config: dict[str, object]) -> FlowerRun:
@@ -93,12 +96,15 @@ def serve(grid: Grid, run: FlowerRun) -> pd.DataFrame:
     """Run ``run`` on ``grid`` once its nodes have connected; return the tidy metrics."""
     wait_for_nodes(grid, run.supernodes, run.connect_timeout)
 
+    choice = DataChoice(run.data_root, run.train_samples, run.test_samples)
+    data = experiment_data(run.cfg.dataset, run.data_root, run.train_samples, run.test_samples)
+
     def rounds_by(federation: Federation) -> FlowerRounds:
-        strategy = HeteroFLStrategy(federation, run.data_root, run.timeout)
+        strategy = HeteroFLStrategy(federation, choice, run.timeout)
         strategy.nodes = partitions(grid, run.connect_timeout)  # before the first round: not in its time
         return FlowerRounds(strategy, grid)
 
-    return run_experiment(run.cfg, data_root=run.data_root, out_dir=run.out, device=run.device, resume=run.resume,
+    return run_experiment(run.cfg, data=data, out_dir=run.out, device=run.device, resume=run.resume,
                           quiet=run.quiet, rounds_by=rounds_by,
                           runtime={"engine": "flower", "mode": run.mode, "supernodes": run.supernodes,
                                    "flwr": flwr.__version__})

@@ -35,7 +35,7 @@ from heterofl_core.federated import Federation, PhaseTimer, RoundPlan, add_state
 from heterofl_core.slicing import State
 from heterofl_core.training import TrainStats, load_sbn_sums
 
-from .messages import PARTITION, SBN, TRAIN, from_record, instruction, to_record
+from .messages import PARTITION, SBN, TRAIN, DataChoice, from_record, instruction, to_record
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 class HeteroFLStrategy(Strategy):
     """HeteroFL's server: seeded sampling, one sub-model per rate, the count rule, sBN and evaluation."""
 
-    def __init__(self, federation: Federation, data_root: str | None = None, timeout: float | None = None) -> None:
+    def __init__(self, federation: Federation, data: DataChoice = DataChoice(), timeout: float | None = None) -> None:
         self.federation = federation
-        self.data_root = data_root  # a hint for nodes whose node-config names none
+        self.data = data  # the nodes' data (a root for nodes whose node-config names none, the subset)
         self.timeout = timeout  # seconds to wait for replies (None: until all arrive)
         self.nodes: dict[int, int] = {}  # partition -> node id
         self.plan: RoundPlan | None = None
@@ -69,7 +69,7 @@ class HeteroFLStrategy(Strategy):
         self.bytes_sent = {rate: record.count_bytes() for rate, record in records.items()}
         messages = []
         for user, rate in zip(self.plan.users, self.plan.rates):
-            fields = instruction(federation.cfg, self.data_root, user=user, rate=rate, round=server_round)
+            fields = instruction(federation.cfg, self.data, user=user, rate=rate, round=server_round)
             content = RecordDict({"arrays": records[rate], "config": fields})
             messages.append(Message(content, dst_node_id=self.node_of(user), message_type=TRAIN,
                                     group_id=str(server_round)))
@@ -136,7 +136,7 @@ class HeteroFLStrategy(Strategy):
         """Every user's sBN sums from the nodes that host them, in user order."""
         federation = self.federation
         record = to_record(self.state)
-        fields = instruction(federation.cfg, self.data_root, round=server_round)
+        fields = instruction(federation.cfg, self.data, round=server_round)
         messages = [Message(RecordDict({"arrays": record, "config": fields}), dst_node_id=node, message_type=SBN,
                             group_id=str(server_round)) for node in self.nodes.values()]
         by_user: dict[int, State] = {}
