@@ -35,9 +35,19 @@ Client sums run in client order and every sum is divided by its count, so the
 result is the same bit for bit as the plain rule's, for a finite old state
 (tested on every family and level mixture).
 
+Rolling windows (FedRolex, :mod:`heterofl_core.extraction`). All clients of a round
+share one shift, so their windows nest once every scaled axis of the global tensors is
+rolled by it (:func:`~heterofl_core.slicing.roll_channels`: the windows become the static
+prefixes): the fast path rolls, aggregates as above, and rolls back. A roll only moves
+entries, so this too is the plain rule's result bit for bit.
+
+Random channel sets (Federated Dropout) do not nest: they take the plain rule, which is
+already a scatter-add (``index_put_`` with ``accumulate``).
+
 Which to call: :func:`aggregate` for clients of given rates (the fast path);
-:func:`aggregate_holdings` for clients of any index sets (the fast path when
-every holding is a static slice and they nest, the plain rule otherwise).
+:func:`aggregate_holdings` for clients of any index sets, whatever the extraction (the
+fast path when every holding is a static slice in one frame, i.e. unrolled or rolled by
+one shift, and they nest; the plain rule otherwise).
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from .slicing import FULL, LABELS, PREFIX, Axes, Holding, Slicer, State, TensorSlice
+from .slicing import FULL, LABELS, PREFIX, Axes, Holding, Slicer, State, TensorSlice, roll_channels
 
 Box = tuple[int, ...]
 Holdings = Mapping[str, Holding]  # one client's: tensor name -> the global entries it holds
@@ -120,8 +130,9 @@ def aggregate(slicer: Slicer, global_state: State, client_states: Sequence[State
 
 def aggregate_holdings(global_state: State, client_states: Sequence[State], holdings: Sequence[Holdings],
                        label_sets: Sequence[torch.Tensor]) -> State:
-    """The count rule for clients holding any index sets: :func:`aggregate_fast` when it applies
-    (every holding a static slice, the slices nested), else :func:`aggregate_plain`."""
+    """The count rule for clients holding any index sets (static, rolling or random extraction):
+    :func:`aggregate_fast` when it applies (every holding a static slice, all rolled by one shift,
+    the slices nested), else :func:`aggregate_plain`."""
     _check_lengths(client_states, holdings, label_sets)
     if _why_not_fast(global_state, holdings) is None:
         return aggregate_fast(global_state, client_states, holdings, label_sets)
@@ -135,10 +146,41 @@ def aggregate_fast(global_state: State, client_states: Sequence[State], holdings
     """:func:`aggregate_plain`'s result, bit for bit, for clients holding static slices (of one
     :class:`~heterofl_core.slicing.Slicer`) that nest, when the old state is finite (an inf or nan
     old value in a label row that some client holds becomes nan here, the clients' mean there).
+    The slices may be rolled, all by one shift (FedRolex's windows of one round): then the old
+    state is rolled so that they are prefixes, aggregated, and the result rolled back.
 
     Raises ``ValueError`` for other holdings (:func:`aggregate_holdings` picks the plain rule for them).
     """
     _check_lengths(client_states, holdings, label_sets)
+    shift = _shared_shift(global_state, holdings)
+    if not shift:
+        return _aggregate_static(global_state, client_states, holdings, label_sets)
+    floats = [key for key, old in global_state.items() if old.is_floating_point()]
+    if any(held[key].static is None for held in holdings for key in floats):
+        raise ValueError("a rolled holding is not a static slice (aggregate_holdings takes any index sets)")
+    rules = {key: holdings[0][key].static.rules for key in floats}
+    rolled = {key: roll_channels(old, rules[key], shift) if key in rules else old for key, old in global_state.items()}
+    new_state = _aggregate_static(rolled, client_states, holdings, label_sets)
+    return {key: roll_channels(new, rules[key], -shift) if key in rules else new for key, new in new_state.items()}
+
+
+def _shifts(global_state: State, holdings: Sequence[Holdings]) -> set[int]:
+    """The shifts by which the clients' holdings of float tensors are rolled."""
+    return {held[key].shift for held in holdings for key, old in global_state.items() if old.is_floating_point()}
+
+
+def _shared_shift(global_state: State, holdings: Sequence[Holdings]) -> int:
+    """The one shift by which every client's static slices are rolled (0 without clients)."""
+    shifts = _shifts(global_state, holdings)
+    if len(shifts) > 1:
+        raise ValueError(f"clients' windows are rolled by different shifts {sorted(shifts)} "
+                         f"(aggregate_holdings takes any index sets)")
+    return shifts.pop() if shifts else 0
+
+
+def _aggregate_static(global_state: State, client_states: Sequence[State], holdings: Sequence[Holdings],
+                      label_sets: Sequence[torch.Tensor]) -> State:
+    """:func:`aggregate_fast` in the frame where every client's slice is a static one (shift ignored)."""
     if not client_states:
         return {key: value.clone() for key, value in global_state.items()}
     new_state: State = {}
@@ -166,6 +208,8 @@ def aggregate_fast(global_state: State, client_states: Sequence[State], holdings
 def _why_not_fast(global_state: State, holdings: Sequence[Holdings]) -> str | None:
     """Why :func:`aggregate_fast` does not apply to these holdings; ``None`` when it does."""
     holdings = list({id(held): held for held in holdings}.values())  # clients of one rate share theirs
+    if len(_shifts(global_state, holdings)) > 1:
+        return "the clients' windows are rolled by different shifts"
     for key, old in global_state.items():
         if not old.is_floating_point() or not holdings:
             continue

@@ -25,7 +25,8 @@ LEVEL_RATES: dict[str, float] = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e":
 NORMS = ("bn", "in", "ln", "gn", "none")
 MODEL_SPLITS = ("fix", "dynamic")
 MASK_FILLS = ("zero", "-inf")  # see losses.FILLS
-SBN_SOURCES = ("server", "clients")  # see federated.Federation.evaluation_model
+SBN_SOURCES = ("server", "clients")
+EXTRACTIONS = ("static", "rolling", "random")  # see extraction.py  # see federated.Federation.evaluation_model
 _VALID_LEVELS = f"valid levels: {', '.join(f'{k}={v:g}' for k, v in LEVEL_RATES.items())}"
 
 
@@ -65,6 +66,7 @@ class ExperimentConfig:
     eval_every: int = 1  # sBN statistics + test every k rounds and at the last round
     sbn_samples: int = 0  # sBN statistics over this many random training samples; 0 = all of them
     sbn_batch_size: int = 0  # batches the sBN statistics average over; 0 = batch_size_train (the authors' loader)
+    extraction: str = "static"  # which channels a client holds: static (the paper), rolling (FedRolex), random
     sbn_source: str = "server"  # server: one pass over the training set (the paper); clients: each user's own pass, combined
     # --- model options ---
     resnet_blocks: tuple[int, ...] = (1, 1, 1, 2)  # the paper's numbers; the authors' later code: (2, 2, 2, 2)
@@ -203,6 +205,7 @@ def _validate(cfg: ExperimentConfig) -> None:
         need(_is_number(value, integer) and valid(value), f"{name} must be {text}, got {value!r}")
     need(cfg.model_split in MODEL_SPLITS, f"unknown model split {cfg.model_split!r}; valid: {', '.join(MODEL_SPLITS)}")
     need(cfg.norm in NORMS, f"unknown norm {cfg.norm!r}; valid: {', '.join(NORMS)}")
+    need(cfg.extraction in EXTRACTIONS, f"unknown extraction {cfg.extraction!r}; valid: {', '.join(EXTRACTIONS)}")
     need(cfg.sbn_source in SBN_SOURCES, f"unknown sbn_source {cfg.sbn_source!r}; valid: {', '.join(SBN_SOURCES)}")
     need(cfg.sbn_source == "server" or cfg.sbn_samples == 0,
          "sbn_samples subsamples the server's pass; with sbn_source=clients every user passes over all its data")

@@ -27,14 +27,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .aggregation import aggregate
+from . import extraction
+from .aggregation import aggregate, aggregate_holdings
 from .cohort import CohortRule, grouped_model, train_cohort
 from .config import LEVEL_RATES, ExperimentConfig, assign_fixed_levels, draw_dynamic_levels
 from .data import ImageData, TextData, load_dataset
 from .families import FAMILIES, get_family
 from .models import model_builder
 from .runs import RunError, RunFolder, RunState, metrics_frame
-from .slicing import Slicer, State
+from .slicing import Holding, Slicer, State
 from .splits import ClientSplit, split_clients
 from .training import (TrainStats, fast_layout, load_sbn_sums, sbn_statistics, sbn_sums, scheduled_lr,
                        train_client)
@@ -191,12 +192,22 @@ class Federation:
         timer = PhaseTimer(self.device)
         with timer.phase("round"):
             plan = self.plan_round(round_, generator)
-            with timer.phase("split"):
-                subs = {rate: self.slicer.split(state, rate) for rate in dict.fromkeys(plan.rates)}
-            with timer.phase("local_training"):
-                client_states, stats = self.train_clients(subs, plan)
-            with timer.phase("aggregate"):
-                state = aggregate(self.slicer, state, client_states, plan.rates, [self.labels[u] for u in plan.users])
+            labels = [self.labels[u] for u in plan.users]
+            if self.cfg.extraction == "static":  # the paper's: the fast path of nested prefixes
+                with timer.phase("split"):
+                    subs = {rate: self.slicer.split(state, rate) for rate in dict.fromkeys(plan.rates)}
+                with timer.phase("local_training"):
+                    client_states, stats = self.train_clients(subs, plan)
+                with timer.phase("aggregate"):
+                    state = aggregate(self.slicer, state, client_states, plan.rates, labels)
+            else:
+                with timer.phase("split"):
+                    held = self.round_holdings(plan, generator)
+                    subs_by_client = [extraction.split(state, holding) for holding in held]
+                with timer.phase("local_training"):
+                    client_states, stats = self.train_one_by_one(subs_by_client, plan)
+                with timer.phase("aggregate"):
+                    state = aggregate_holdings(state, client_states, held, labels)
             metrics: dict[str, float] = {}
             if round_ % self.cfg.eval_every == 0 or round_ == self.cfg.rounds:
                 with timer.phase("sbn" if self.uses_sbn else "eval"):
@@ -206,6 +217,21 @@ class Federation:
             metrics.update(train_loss=(stats.loss_sum / max(stats.count, 1)).item(),
                            train_accuracy=(stats.correct / max(stats.count, 1) * 100).item(), lr=plan.lr)
         return state, {**metrics, **timer.report()}
+
+    def round_holdings(self, plan: RoundPlan, generator: torch.Generator) -> list[dict[str, Holding]]:
+        """Each client's channels this round under ``cfg.extraction`` (extraction.py); random draws
+        come from the round's generator, client after client in the plan's order."""
+        return [extraction.holdings(self.slicer, rate, self.cfg.extraction, plan.round, generator)
+                for rate in plan.rates]
+
+    def train_one_by_one(self, subs: list[State], plan: RoundPlan) -> tuple[list[State], TrainStats]:
+        """:meth:`local_update` of each client from its own sub-model (any extraction)."""
+        states, stats = [], TrainStats.zero(self.device)
+        for sub, user, rate in zip(subs, plan.users, plan.rates):
+            client_state, client_stats = self.local_update(sub, user, rate, plan.round)
+            states.append(client_state)
+            stats = stats.add(client_stats)
+        return states, stats
 
     def train_clients(self, subs: dict[float, State], plan: RoundPlan) -> tuple[list[State], TrainStats]:
         """Local training of the round's clients; their trained states in the plan's order.

@@ -18,7 +18,9 @@ Rules, one per axis:
 A :class:`TensorSlice` says where a client tensor sits as a box (the fast form:
 views and narrowing); a :class:`Holding` says the same as index sets, one per axis
 (the general form: any set of channels per axis, which is what aggregation's
-plain rule takes).
+plain rule takes). Other sub-model extractions (rolling windows, random channel
+sets) build holdings in :mod:`heterofl_core.extraction`; :func:`roll_channels`
+turns a rolling window into the static prefix.
 """
 
 from __future__ import annotations
@@ -70,6 +72,21 @@ def module_axes(model: nn.Module, module: nn.Module, **rules: Axes) -> dict[str,
     return {f"{path}.{name}" if path else name: axes for name, axes in rules.items()}
 
 
+def roll_channels(tensor: torch.Tensor, rules: Axes, shift: int) -> torch.Tensor:
+    """``tensor`` with every scaled axis rolled by ``shift`` as ``torch.roll`` does (entry i moves to
+    (i + shift) mod size; within each head on a ``Heads`` axis); FULL and LABELS axes stay.
+
+    Rolled so, FedRolex's window in a round of that shift becomes the static prefix
+    (:mod:`heterofl_core.extraction`); ``-shift`` rolls back.
+    """
+    for axis, rule in enumerate(rules):
+        if isinstance(rule, Heads):  # (.., E, ..) -> (.., heads, E / heads, ..), roll within each head
+            tensor = tensor.unflatten(axis, (rule.count, -1)).roll(shift, axis + 1).flatten(axis, axis + 1)
+        elif rule == PREFIX:
+            tensor = tensor.roll(shift, axis)
+    return tensor
+
+
 @dataclass(frozen=True)
 class TensorSlice:
     """Where one client tensor sits inside its global tensor."""
@@ -103,6 +120,10 @@ class TensorSlice:
                 view = view.narrow(axis, 0, n)
         return view
 
+    def take(self, global_tensor: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of this client's entries of ``global_tensor``, shaped like the client tensor."""
+        return self.region(global_tensor).clone(memory_format=torch.contiguous_format).view(self.local_shape)
+
     def local_view(self, local: torch.Tensor) -> torch.Tensor:
         """The client tensor reshaped like :meth:`region` (heads split out)."""
         return local.view(self.box)
@@ -130,13 +151,15 @@ class Holding:
     (any distinct indices, in any order: prefixes, per-head prefixes, or arbitrary channel
     sets). With ``by_label``, axis 0 is label rows: in aggregation the client adds and counts
     only the rows of the labels it holds. ``static`` is the :class:`TensorSlice` this holding
-    equals when it is a static one (from :meth:`Slicer.holdings`): it lets aggregation take
-    its fast path; ``None`` for any other index sets.
+    equals once the global tensor is rolled by ``shift`` (:func:`roll_channels`): shift 0 for
+    the static slices of :meth:`Slicer.holdings`, the round's shift for FedRolex's rolling
+    windows; it lets aggregation take its fast path. ``None`` for any other index sets.
     """
 
     index: tuple[torch.Tensor, ...]
     by_label: bool = False
     static: TensorSlice | None = None
+    shift: int = 0
 
     @classmethod
     def of(cls, piece: TensorSlice, global_shape: Sequence[int]) -> Holding:
@@ -188,10 +211,14 @@ class Slicer:
         return dict(self._slices(rate))
 
     @cached_property
+    def global_shapes(self) -> dict[str, torch.Size]:
+        """Per tensor name, the global model's shape."""
+        return {key: piece.local_shape for key, piece in self._slices(self.global_rate).items()}
+
+    @cached_property
     def _holdings(self) -> Callable[[float], dict[str, Holding]]:
-        global_shapes = {key: piece.local_shape for key, piece in self._slices(self.global_rate).items()}
         return lru_cache(maxsize=None)(
-            lambda rate: {key: Holding.of(piece, global_shapes[key]) for key, piece in self._slices(rate).items()})
+            lambda rate: {key: Holding.of(piece, self.global_shapes[key]) for key, piece in self._slices(rate).items()})
 
     def holdings(self, rate: float) -> dict[str, Holding]:
         """Per tensor name, the global indices a rate-``rate`` client's tensor holds (index sets)."""
@@ -199,8 +226,4 @@ class Slicer:
 
     def split(self, global_state: State, rate: float) -> State:
         """The rate-``rate`` sub-model's state: loads with ``strict=True`` into ``build(rate)``."""
-        out = {}
-        for key, piece in self.slices(rate).items():
-            region = piece.region(global_state[key]).clone(memory_format=torch.contiguous_format)
-            out[key] = region.view(piece.local_shape)
-        return out
+        return {key: piece.take(global_state[key]) for key, piece in self.slices(rate).items()}

@@ -44,6 +44,9 @@ class HeteroFLStrategy(Strategy):
     """HeteroFL's server: seeded sampling, one sub-model per rate, the count rule, sBN and evaluation."""
 
     def __init__(self, federation: Federation, data: DataChoice = DataChoice(), timeout: float | None = None) -> None:
+        if federation.cfg.extraction != "static":
+            raise ValueError(f"extraction={federation.cfg.extraction!r} does not run on Flower yet (one sub-model per "
+                             f"rate is sent); use extraction=static, or heterofl run")
         self.federation = federation
         self.data = data  # the nodes' data (a root for nodes whose node-config names none, the subset)
         self.timeout = timeout  # seconds to wait for replies (None: until all arrive)
