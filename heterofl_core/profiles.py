@@ -34,6 +34,7 @@ NOTEBOOKS = (
     "06_wikitext2_transformer",
     "07_ablations",
     "08_paper_figures",
+    "09_flower",
 )
 ALL_LEVELS = ["a", "b", "c", "d"]  # the interpolation figure's four panels: global model a, b, c, d
 ALL_POINTS = list(range(1, 10))  # x{i}-y{10-i}, i = 1..9
@@ -72,6 +73,13 @@ _ONE_ROUND = dict(rounds=1, eval_every=1, split="non-iid-2")  # 03: one round, t
 _QUICK_TEXT = dict(rounds=4, local_epochs=1, num_users=10, frac=0.5, eval_every=4, sbn_samples=0,
                    train_samples=16000, test_samples=5120)
 
+# 09: one round through a grid in this process, then a short simulation on Ray (its start costs ~40 s on 2 cores).
+_FLOWER_SMOKE = dict(rounds=1, local_epochs=1, num_users=10, frac=0.5, eval_every=1, sbn_samples=0,
+                     train_samples=500, test_samples=200, supernodes=3, mode="a1-e1")
+_FLOWER_WORKSHOP = dict(rounds=2, local_epochs=1, num_users=10, frac=0.5, eval_every=1, sbn_samples=0,
+                        train_samples=3000, test_samples=1000, supernodes=3, mode="a1-e1")
+_FLOWER_PAPER = dict(_PAPER, rounds=2, supernodes=10, mode="a1-e1")  # the paper's round; 2 rounds show the path
+
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         "00_setup_and_data": dict(show_samples=8),
@@ -86,6 +94,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                          featured_mode="d5-e5"),
         "07_ablations": dict(mnist=_SMOKE_MNIST, cifar10=_SMOKE_CIFAR10, mode="d1-e1", seed=0),
         "08_paper_figures": dict(cifar10=_SMOKE_CIFAR10, table_models=["a", "a-e", "e"], seed=0),
+        "09_flower": _FLOWER_SMOKE,
     },
     # A room of laptops: each notebook at most 4 minutes on 2 cores. MNIST on a tenth of its training set
     # for a few rounds is enough to see the widths order the accuracy; CIFAR10 and text show the recipe runs.
@@ -103,6 +112,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                          featured_mode="c5-e5"),
         "07_ablations": dict(mnist=_WORKSHOP_ABLATION_MNIST, cifar10=None, mode="c1-e1", seed=0),  # CIFAR10: too slow
         "08_paper_figures": dict(cifar10=_WORKSHOP_CIFAR10, table_models=["c", "d", "e"], seed=0),  # a: too slow
+        "09_flower": _FLOWER_WORKSHOP,
     },
     # The figures on a 2-core CPU, the whole suite in under 90 minutes (measured: see README). MNIST shows the
     # paper's result (04: the paper's users, whole data, 8 rounds, 3 seeds, every panel, lines to e only, i = 5);
@@ -120,6 +130,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                          seeds=SEEDS, curve_eval_every=2, featured_mode="c5-e5"),
         "07_ablations": dict(mnist=_QUICK_SMALL_MNIST, cifar10=None, mode="a1-e1", seed=0),  # CIFAR10: ~25 min
         "08_paper_figures": dict(cifar10=_QUICK_CIFAR10, table_models=QUICK_TABLE_MODELS, seed=0),
+        "09_flower": _FLOWER_WORKSHOP,
     },
     # The paper's settings (spec section 7): 100 users, 10 active, the paper's rounds, local epochs and
     # lr milestones, whole datasets, sBN over the whole training set, evaluation every round, i = 1..9.
@@ -136,6 +147,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                          seeds=SEEDS, curve_eval_every=1, featured_mode="a5-e5"),
         "07_ablations": dict(mnist=_PAPER, cifar10=_PAPER, mode="a1-e1", seed=0),
         "08_paper_figures": dict(cifar10=_PAPER, table_models=TABLE_MODELS, seed=0),
+        "09_flower": _FLOWER_PAPER,
     },
 }
 
