@@ -45,6 +45,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice; "
                                                                  "1 is often faster on a busy shared CPU)")
+    parser.add_argument("--one-by-one", action="store_true",
+                        help="train every client on its own, as each Flower node does (the same numbers as "
+                             "`heterofl flower simulate`, bit for bit); by default same-width narrow clients "
+                             "train as one batched computation, equal up to float rounding")
     parser.add_argument("--reuse-host-memory", action="store_true",
                         help="keep freed host memory in this process for reuse (glibc): fewer page faults per "
                              "batch on a CPU, but the process keeps its peak memory until it exits")
@@ -66,6 +70,7 @@ def default_out(cfg: ExperimentConfig, prefix: str = "") -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .cohort import CohortRule
     from .federated import run_experiment
     from .training import reuse_host_memory, set_cpu_threads
     cfg = config_from_args(args)
@@ -73,8 +78,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.reuse_host_memory:
         reuse_host_memory()
     out = args.out or default_out(cfg)
+    cohort_rule = CohortRule(0.0, "--one-by-one") if args.one_by_one else None
     frame = run_experiment(cfg, data_root=args.data_root, out_dir=out, device=args.device,
-                           resume=args.resume, quiet=args.quiet)
+                           resume=args.resume, quiet=args.quiet, cohort_rule=cohort_rule)
     print(finished_line(cfg, out, frame))
     return 0
 

@@ -196,8 +196,7 @@ def test_simulation_on_ray_writes_the_run_folder_of_heterofl_run(tmp_path, data_
     common = ["--data", "MNIST", "--control", CONTROL, "--rounds", "2", "--local-epochs", "1",
               "--data-root", str(data_root), "--quiet"]
     assert main(["flower", "simulate", *common, "--supernodes", "3", "--out", str(tmp_path / "flower")]) == 0
-    run_experiment(config(), data_root=data_root, out_dir=tmp_path / "in-process", quiet=True,
-                   cohort_rule=CohortRule(0.0))
+    assert main(["run", *common, "--one-by-one", "--out", str(tmp_path / "in-process")]) == 0
     ours, theirs = (_results(read_metrics(tmp_path / name)) for name in ("flower", "in-process"))
     pd.testing.assert_frame_equal(ours[ours.metric != "train_replies"].reset_index(drop=True), theirs, check_exact=True)
     assert {p.name for p in (tmp_path / "flower").iterdir()} >= {"run.json", "metrics.csv", "checkpoint.pt", "best.pt"}
