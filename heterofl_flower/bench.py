@@ -35,8 +35,7 @@ def level_bytes() -> dict[str, dict[str, Any]]:
     share of FedAvg's full model (level a: every client gets all of it)."""
     out: dict[str, dict[str, Any]] = {}
     for family, options in FAMILY_OPTIONS.items():
-        with torch.device("meta"):
-            slicer = Slicer(lambda rate, family=family, options=options: build_model(family, rate, **options))
+        slicer = Slicer(lambda rate, family=family, options=options: build_model(family, rate, **options))
         state = {key: torch.zeros(value.shape) for key, value in build_model(family, 1.0, **options).state_dict().items()}
         full = to_record(state).count_bytes()
         out[family] = {level: {"bytes": (size := to_record(slicer.split(state, rate)).count_bytes()),

@@ -138,9 +138,8 @@ class HeteroFLStrategy(Strategy):
     def clients_sbn_sums(self, server_round: int, grid: Grid) -> list[State]:
         """Every user's sBN sums from the nodes that host them, in user order."""
         federation = self.federation
-        record = to_record(self.state)
         fields = instruction(federation.cfg, self.data, round=server_round)
-        messages = [Message(RecordDict({"arrays": record, "config": fields}), dst_node_id=node, message_type=SBN,
+        messages = [Message(RecordDict({"arrays": self.record, "config": fields}), dst_node_id=node, message_type=SBN,
                             group_id=str(server_round)) for node in self.nodes.values()]
         by_user: dict[int, State] = {}
         for message in grid.send_and_receive(messages, timeout=self.timeout):
