@@ -134,9 +134,14 @@ def aggregate_holdings(global_state: State, client_states: Sequence[State], hold
     :func:`aggregate_fast` when it applies (every holding a static slice, all rolled by one shift,
     the slices nested), else :func:`aggregate_plain`."""
     _check_lengths(client_states, holdings, label_sets)
-    if _why_not_fast(global_state, holdings) is None:
+    if fast_path_applies(global_state, holdings):
         return aggregate_fast(global_state, client_states, holdings, label_sets)
     return aggregate_plain(global_state, client_states, holdings, label_sets)
+
+
+def fast_path_applies(global_state: State, holdings: Sequence[Holdings]) -> bool:
+    """Whether :func:`aggregate_holdings` takes the fast path for these holdings."""
+    return _why_not_fast(global_state, holdings) is None
 
 
 # ----------------------------------------------------------------------------- the fast path

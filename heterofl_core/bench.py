@@ -11,9 +11,12 @@ Measured in one run, on one device:
        and per client, add into a sum and a count tensor through an index grid); and
    (ii) the memory floor: one plain copy of the same bytes (split: the clients'
        sub-models; aggregate: the clients' trained states).
-2. Cohort training against one-by-one training, per level of the MNIST CNN
+2. Per extraction strategy (static, rolling, random; extraction.py), split and aggregate
+   of 10 clients of every level against the same copy floor, and which aggregation path
+   each takes (random's sets do not nest: the plain rule).
+3. Cohort training against one-by-one training, per level of the MNIST CNN
    (5 clients, as in the paper's a1-e1 round), and which way the fixed rule picks.
-3. One full MNIST round with the paper's settings (``1_100_0.1_iid_fix_a1-e1_bn_1_1``,
+4. One full MNIST round with the paper's settings (``1_100_0.1_iid_fix_a1-e1_bn_1_1``,
    batch 10, 5 local epochs, sBN over all 60,000 training images), by phase; the
    ratio of the whole round to its local training; the round's peak memory; and the
    FLOPs of each phase, which bound that ratio from below.
@@ -36,9 +39,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .aggregation import aggregate, aggregate_plain
+from . import aggregation, extraction
+from .aggregation import aggregate, aggregate_holdings, aggregate_plain
 from .cohort import CohortRule, grouped_model, train_cohort
-from .config import LEVEL_RATES, assign_fixed_levels, parse_control, parse_model_mode
+from .config import EXTRACTIONS, LEVEL_RATES, assign_fixed_levels, parse_control, parse_model_mode
 from .data import DATA_ROOT_RULE, ImageData, load_dataset
 from .families import WIKITEXT2_VOCAB
 from .federated import Federation, default_eval_batch_size, resolve_device
@@ -221,7 +225,41 @@ def bench_family(family: str, device: torch.device, quick: bool, repeats: int) -
     return summary
 
 
-# ----------------------------------------------------------------------------- 2. cohort training
+# ----------------------------------------------------------------------------- 2. extraction strategies
+
+EXTRACTION_MIXTURE = "a1-b1-c1-d1-e1"
+EXTRACTION_ROUND = 2  # rolling's window in round 2 is shifted by one channel: a real roll
+
+
+def bench_extraction(family: str, device: torch.device, quick: bool, repeats: int) -> dict[str, Any]:
+    """Per extraction strategy, split and aggregate (:func:`~heterofl_core.extraction.split`,
+    :func:`~heterofl_core.aggregation.aggregate_holdings`) of 10 clients of every level, against the
+    copy floor. Static and rolling take the fast path; random, whose sets do not nest, the plain rule."""
+    options = _family_options(family, quick)
+    slicer = Slicer(partial(build_model, family, **options))
+    torch.manual_seed(0)
+    global_state = {k: v.to(device) for k, v in build_model(family, 1.0, **options).state_dict().items()}
+    rates = [LEVEL_RATES[level] for level in assign_fixed_levels(parse_model_mode(EXTRACTION_MIXTURE), CLIENTS)]
+    vocab = options.get("vocab_size", 10)
+    labels = [l.to(device) for l in _label_sets(family, vocab, CLIENTS, torch.Generator().manual_seed(0), quick)]
+    out: dict[str, Any] = {"mixture": EXTRACTION_MIXTURE, "round": EXTRACTION_ROUND, "strategies": {}}
+    for strategy in EXTRACTIONS:
+        generator = torch.Generator().manual_seed(0)
+        holdings = [extraction.holdings(slicer, rate, strategy, EXTRACTION_ROUND, generator) for rate in rates]
+        clients = [extraction.split(global_state, held) for held in holdings]
+        client_tensors = [t for state in clients for t in state.values()]
+        row = {"client_mb": sum(t.numel() * t.element_size() for t in client_tensors) / 2**20,
+               "aggregate_path": "fast" if aggregation.fast_path_applies(global_state, holdings) else "plain"}
+        row.update(_seconds({"split_s": lambda: [extraction.split(global_state, held) for held in holdings],
+                             "aggregate_s": lambda: aggregate_holdings(global_state, clients, holdings, labels),
+                             "memcpy_s": _copy_floor(client_tensors)}, device, repeats))
+        for phase in ("split", "aggregate"):
+            row[f"{phase}_vs_memcpy"] = row[f"{phase}_s"] / row["memcpy_s"]
+        out["strategies"][strategy] = row
+    return out
+
+
+# ----------------------------------------------------------------------------- 3. cohort training
 
 def bench_cohort(data: ImageData, device: torch.device, quick: bool, repeats: int) -> dict[str, Any]:
     """Per level of the MNIST CNN: 5 clients' steps one by one and as a cohort, from one sub-model."""
@@ -265,7 +303,7 @@ def bench_cohort(data: ImageData, device: torch.device, quick: bool, repeats: in
             "max_cohort_rate": rule.max_rate, "measured_max_cohort_rate": measured.max_rate, "levels": levels}
 
 
-# ----------------------------------------------------------------------------- 3. one MNIST round
+# ----------------------------------------------------------------------------- 4. one MNIST round
 
 def bench_round(data: ImageData, device: torch.device, quick: bool) -> dict[str, Any]:
     """One round with the paper's settings, by phase, with its peak memory and FLOPs per phase."""
@@ -313,6 +351,7 @@ def run_benchmark(device: str = "auto", *, quick: bool = False, data: ImageData 
     report["round"] = bench_round(data, torch_device, quick)  # first: freed memory stays in the process
     report["cohort"] = bench_cohort(data, torch_device, quick, repeats)
     report["families"] = {family: bench_family(family, torch_device, quick, repeats) for family in families}
+    report["extraction"] = {family: bench_extraction(family, torch_device, quick, repeats) for family in families}
     if hasattr(os, "getloadavg"):
         report["machine"]["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     report["targets"] = check_targets(report)
@@ -353,6 +392,15 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{m['split_s'] * 1e3:>8.1f}{m['split_loop_s'] * 1e3:>9.0f}{m['split_speedup_vs_loop']:>8.0f}"
                          f"{m['split_vs_memcpy']:>8.2f}{m['aggregate_s'] * 1e3:>8.1f}{m['aggregate_plain_s'] * 1e3:>9.0f}"
                          f"{m['aggregate_speedup_vs_plain']:>8.0f}{m['aggregate_vs_memcpy']:>8.2f}")
+    lines += ["", "extraction strategies: split and aggregate, 10 clients of mixture "
+                  f"{EXTRACTION_MIXTURE}, round {EXTRACTION_ROUND} (ms; x copy = time / one plain copy of the clients' bytes)"]
+    header = f"{'family':<12}{'strategy':<10}{'MB':>7}{'copy':>8}{'split':>8}{'x copy':>8}{'aggr':>8}{'x copy':>8}{'path':>7}"
+    lines += [header, "-" * len(header)]
+    for family, result in report["extraction"].items():
+        for strategy, m in result["strategies"].items():
+            lines.append(f"{family:<12}{strategy:<10}{m['client_mb']:>7.0f}{m['memcpy_s'] * 1e3:>8.1f}"
+                         f"{m['split_s'] * 1e3:>8.1f}{m['split_vs_memcpy']:>8.2f}{m['aggregate_s'] * 1e3:>8.1f}"
+                         f"{m['aggregate_vs_memcpy']:>8.2f}{m['aggregate_path']:>7}")
     cohort = report["cohort"]
     lines += ["", f"cohort training, MNIST CNN, {cohort['clients']} clients x {cohort['steps']} steps of batch "
                   f"{cohort['batch']} (ms per client-step; rule: cohorts up to rate {cohort['max_cohort_rate']:g})"]

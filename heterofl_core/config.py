@@ -25,8 +25,8 @@ LEVEL_RATES: dict[str, float] = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e":
 NORMS = ("bn", "in", "ln", "gn", "none")
 MODEL_SPLITS = ("fix", "dynamic")
 MASK_FILLS = ("zero", "-inf")  # see losses.FILLS
-SBN_SOURCES = ("server", "clients")
-EXTRACTIONS = ("static", "rolling", "random")  # see extraction.py  # see federated.Federation.evaluation_model
+SBN_SOURCES = ("server", "clients")  # see federated.Federation.evaluation_model
+EXTRACTIONS = ("static", "rolling", "random")  # see extraction.py
 _VALID_LEVELS = f"valid levels: {', '.join(f'{k}={v:g}' for k, v in LEVEL_RATES.items())}"
 
 

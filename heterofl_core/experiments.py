@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .config import LEVEL_RATES, ExperimentConfig, format_model_mode, paper_preset, parse_control, parse_model_mode
+from .config import EXTRACTIONS, LEVEL_RATES, ExperimentConfig, format_model_mode, paper_preset, parse_control, parse_model_mode
 from .data import ImageData, TextData, load_dataset, repo_root, resolve_data_root
 from .families import family_for_dataset, get_family
 from .federated import RoundCallback, run_experiment
@@ -808,3 +808,16 @@ def ablation_experiments(data: DataSpec, scale: Scale, mode: str = "a1-e1", spli
         experiments.append(Experiment(label, cfg, data, {"variant": label, "norm": norm, "scaler": scaler,
                                                          "masked_ce": mask}))
     return experiments
+
+
+def extraction_experiments(data: DataSpec, scale: Scale, mode: str = "a1-e9",
+                           model_splits: Iterable[str] = ("fix", "dynamic"),
+                           strategies: Iterable[str] = EXTRACTIONS, seeds: Iterable[int] = (0,)) -> list[Experiment]:
+    """One run per (model split, extraction strategy, seed) of one mixture on iid data (notebook 10)."""
+    strategies = list(strategies)
+    if unknown := [s for s in strategies if s not in EXTRACTIONS]:
+        raise ValueError(f"unknown extraction strategies {unknown}; valid: {', '.join(EXTRACTIONS)}")
+    return [Experiment(f"{split} {strategy} seed {seed}",
+                       scale.config(data.name, scale.control(mode, model_split=split), extraction=strategy, seed=seed),
+                       data, {"model_split": split, "extraction": strategy, "seed": seed})
+            for split in model_splits for strategy in strategies for seed in seeds]

@@ -224,6 +224,17 @@ class Federation:
         return [extraction.holdings(self.slicer, rate, self.cfg.extraction, plan.round, generator)
                 for rate in plan.rates]
 
+    def channels_held(self, round_: int, key: str, axis: int = 0) -> tuple[RoundPlan, torch.Tensor]:
+        """Round ``round_``'s plan and which channels of tensor ``key``'s ``axis`` each of its
+        clients holds (bool, clients x channels): the draws :meth:`run_round` makes, nothing trained."""
+        generator = round_generator(self.cfg.seed, round_, self.device)
+        plan = self.plan_round(round_, generator)
+        width = self.slicer.global_shapes[key][axis]
+        held = torch.zeros(len(plan.users), width, dtype=torch.bool)
+        for row, holding in zip(held, self.round_holdings(plan, generator)):
+            row[holding[key].index[axis].cpu()] = True
+        return plan, held
+
     def train_one_by_one(self, subs: list[State], plan: RoundPlan) -> tuple[list[State], TrainStats]:
         """:meth:`local_update` of each client from its own sub-model (any extraction)."""
         states, stats = [], TrainStats.zero(self.device)

@@ -347,6 +347,68 @@ def draw_matrices(matrices: Sequence[np.ndarray], titles: Sequence[str], suptitl
     return fig
 
 
+# ----------------------------------------------------------------------------- sub-model extraction
+
+def held_channels_figure(maps: dict[str, Sequence[tuple[int, Sequence[str], np.ndarray]]], layer: str,
+                         title: str, banner: str | None = None) -> plt.Figure:
+    """One panel per extraction strategy: each round's clients (rows, grouped by round) against the
+    channels of one layer (columns), a channel coloured by the client's level where it holds it.
+
+    ``maps[strategy]``: per round, (round, the clients' levels, bool array clients x channels).
+    """
+    colors = level_colors()
+    levels = [l for l in LEVEL_NAMES if any(l in lv for rounds in maps.values() for _, lv, _ in rounds)]
+    cmap = matplotlib.colors.ListedColormap(["0.94"] + [colors[level] for level in levels])
+    rows = max(sum(len(lv) for _, lv, _ in rounds) for rounds in maps.values())
+    fig, axes = plt.subplots(1, len(maps), figsize=(6.2 * len(maps), 2.2 + 0.34 * rows), squeeze=False)
+    for ax, (strategy, rounds) in zip(axes.flat, maps.items()):
+        image = np.concatenate([np.where(held, np.array([levels.index(l) + 1 for l in lv])[:, None], 0)
+                                for _, lv, held in rounds])
+        ax.imshow(image, cmap=cmap, vmin=0, vmax=len(levels), interpolation="nearest", aspect="auto")
+        starts = np.cumsum([0] + [len(lv) for _, lv, _ in rounds])
+        for row in range(1, len(image)):  # clients apart in white, rounds apart in black
+            ax.axhline(row - 0.5, color="black" if row in starts else "white", lw=2.5 if row in starts else 1)
+        ax.set_yticks((starts[:-1] + starts[1:] - 1) / 2, [f"round {r}" for r, _, _ in rounds])
+        ax.set_xlabel(f"channel of {layer}")
+        ax.set_title(strategy)
+        ax.grid(False)
+    handles = [matplotlib.patches.Patch(color=colors[l], label=f"{l} (rate {LEVEL_RATES[l]:g})") for l in levels]
+    handles.append(matplotlib.patches.Patch(color="0.94", label="not held"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+    _title(fig, title, banner)
+    return fig
+
+
+def strategy_comparison(summary: pd.DataFrame, metric: str, title: str, banner: str | None = None) -> plt.Figure:
+    """One panel per ``model_split`` (fix, dynamic): ``final_<metric>`` against the extraction
+    strategy, a dot per seed and a bar at their mean (labelled)."""
+    splits = list(dict.fromkeys(summary["model_split"]))
+    strategies = list(dict.fromkeys(summary["extraction"]))
+    column = f"final_{metric}"
+    fig, axes = plt.subplots(1, len(splits), figsize=(7.5 * len(splits), 6.4), squeeze=False, sharey=True)
+    palette = dict(zip(strategies, sns.color_palette("colorblind", len(strategies))))
+    for ax, split in zip(axes.flat, splits):
+        panel = summary[summary["model_split"] == split]
+        for x, strategy in enumerate(strategies):
+            values = panel.loc[panel["extraction"] == strategy, column].to_numpy(dtype=float)
+            if not len(values):
+                continue
+            spread = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
+            ax.plot(x + spread, values, "o", ms=10, color=palette[strategy], alpha=0.8)
+            mean = values.mean()
+            ax.hlines(mean, x - 0.25, x + 0.25, color="black", lw=3)
+            ax.annotate(f"{mean:.2f}", (x, mean), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=15)
+        ax.set_xticks(range(len(strategies)), strategies)
+        ax.set_xlim(-0.6, len(strategies) - 0.4)
+        ax.set_title(f"{split} levels")
+        ax.set_xlabel("extraction")
+    lower_is_better = metric.endswith("perplexity")
+    axes.flat[0].set_ylabel(METRIC_LABELS.get(metric, metric) + ("\n(lower is better)" if lower_is_better
+                                                                  else "\n(higher is better)"))
+    _title(fig, title, banner)
+    return fig
+
+
 # ----------------------------------------------------------------------------- the rate / mixture explorer
 
 EXPLORER_VOCAB = 2000  # a text family's vocabulary is drawn with at most this many rows

@@ -35,6 +35,7 @@ NOTEBOOKS = (
     "07_ablations",
     "08_paper_figures",
     "09_flower",
+    "10_beyond_static_slicing",
 )
 ALL_LEVELS = ["a", "b", "c", "d"]  # the interpolation figure's four panels: global model a, b, c, d
 ALL_POINTS = list(range(1, 10))  # x{i}-y{10-i}, i = 1..9
@@ -80,6 +81,12 @@ _FLOWER_WORKSHOP = dict(rounds=2, local_epochs=1, num_users=10, frac=0.5, eval_e
                         train_samples=3000, test_samples=1000, supernodes=3, mode="a1-e1")
 _FLOWER_PAPER = dict(_PAPER, rounds=2, supernodes=10, mode="a1-e1")  # the paper's round; 2 rounds show the path
 
+# 10: static, rolling and random extraction under a1-e9 (one user in ten at full width), fix and dynamic levels.
+# Rolling's window moves one channel a round, so it departs from static only over many rounds (the CNN's
+# layers are 64 to 512 channels wide): quick runs 12 rounds of the small MNIST scale (6 for notebooks 03 and 07).
+_EXTRACTION = dict(mode="a1-e9", model_splits=["fix", "dynamic"], show_rounds=4, cifar10=None, cifar10_seeds=[0])
+_EXTRACTION_QUICK_MNIST = dict(_QUICK_SMALL_MNIST, rounds=12, eval_every=12)
+
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         "00_setup_and_data": dict(show_samples=8),
@@ -95,6 +102,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "07_ablations": dict(mnist=_SMOKE_MNIST, cifar10=_SMOKE_CIFAR10, mode="d1-e1", seed=0),
         "08_paper_figures": dict(cifar10=_SMOKE_CIFAR10, table_models=["a", "a-e", "e"], seed=0),
         "09_flower": _FLOWER_SMOKE,
+        "10_beyond_static_slicing": dict(_EXTRACTION, mnist=_SMOKE_MNIST, seeds=[0], show_rounds=3),
     },
     # A room of laptops: each notebook at most 4 minutes on 2 cores. MNIST on a tenth of its training set
     # for a few rounds is enough to see the widths order the accuracy; CIFAR10 and text show the recipe runs.
@@ -113,6 +121,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "07_ablations": dict(mnist=_WORKSHOP_ABLATION_MNIST, cifar10=None, mode="c1-e1", seed=0),  # CIFAR10: too slow
         "08_paper_figures": dict(cifar10=_WORKSHOP_CIFAR10, table_models=["c", "d", "e"], seed=0),  # a: too slow
         "09_flower": _FLOWER_WORKSHOP,
+        "10_beyond_static_slicing": dict(_EXTRACTION, mnist=_WORKSHOP_MNIST, seeds=[0]),
     },
     # The figures on a 2-core CPU, the whole suite in under 90 minutes (measured: see README). MNIST shows the
     # paper's result (04: the paper's users, whole data, 8 rounds, 3 seeds, every panel, lines to e only, i = 5);
@@ -131,6 +140,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "07_ablations": dict(mnist=_QUICK_SMALL_MNIST, cifar10=None, mode="a1-e1", seed=0),  # CIFAR10: ~25 min
         "08_paper_figures": dict(cifar10=_QUICK_CIFAR10, table_models=QUICK_TABLE_MODELS, seed=0),
         "09_flower": _FLOWER_WORKSHOP,
+        "10_beyond_static_slicing": dict(_EXTRACTION, mnist=_EXTRACTION_QUICK_MNIST, seeds=SEEDS),
     },
     # The paper's settings (spec section 7): 100 users, 10 active, the paper's rounds, local epochs and
     # lr milestones, whole datasets, sBN over the whole training set, evaluation every round, i = 1..9.
@@ -148,6 +158,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "07_ablations": dict(mnist=_PAPER, cifar10=_PAPER, mode="a1-e1", seed=0),
         "08_paper_figures": dict(cifar10=_PAPER, table_models=TABLE_MODELS, seed=0),
         "09_flower": _FLOWER_PAPER,
+        "10_beyond_static_slicing": dict(_EXTRACTION, mnist=_PAPER, seeds=SEEDS, cifar10=_PAPER),  # CIFAR10: 1 seed
     },
 }
 

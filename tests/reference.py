@@ -9,6 +9,7 @@ spec's formulas in functional form over a state dict. Slow and plain on purpose.
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import partial
 from typing import Callable, Sequence
@@ -261,3 +262,35 @@ def reference_transformer_forward(state: dict, tokens: torch.Tensor, s: float, h
         x = ln(x + ff, f"{p}.norm2")
         layer += 1
     return lin(ln(F.gelu(lin(x, "decoder_linear") / s), "decoder_norm"), "output")
+
+
+# ----------------------------------------------------------------------------- aggregation references
+
+SMALL = {"conv": {"hidden": (4, 8, 8, 16)}, "resnet18": {"hidden": (4, 4, 8, 8)},
+         "transformer": {"vocab_size": 12, "embed": 16, "heads": 2, "hidden": 16, "layers": 1, "bptt": 8}}
+SMALL_LEVELS = {"conv": "abcde", "resnet18": "abcde", "transformer": "abcd"}  # 2 heads: d keeps 1 per head
+
+
+def assert_states_equal(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+
+
+def per_entry_mean(old: dict, client_states, holdings, label_sets) -> dict:
+    """Obviously correct, slow: every client entry is added to the global entry it sits on and
+    counted there (label rows only for the client's labels); counted entries become sum / count."""
+    new = {}
+    for key, before in old.items():
+        sums, counts = {}, {}
+        for state, held, labels in zip(client_states, holdings, label_sets):
+            for position in itertools.product(*map(range, state[key].shape)):
+                if held[key].by_label and position[0] not in labels.tolist():
+                    continue
+                entry = tuple(int(held[key].index[axis][j]) for axis, j in enumerate(position))
+                sums[entry] = sums.get(entry, 0.0) + float(state[key][position])
+                counts[entry] = counts.get(entry, 0) + 1
+        new[key] = before.clone()
+        for entry, total in sums.items():
+            new[key][entry] = total / counts[entry]
+    return new

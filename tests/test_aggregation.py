@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from heterofl_core import aggregation
 from heterofl_core.aggregation import aggregate, aggregate_fast, aggregate_holdings, aggregate_plain
 from heterofl_core.slicing import PREFIX, Heads, Holding, TensorSlice
-from reference import (FAMILIES, LEVELS, RATES, SMALL_VOCAB, TINY, builder, coverage_mask, num_classes,
-                       random_labels, random_state_like, reference_aggregate, reference_split, shapes_at,
-                       slicer_for)
+from reference import (FAMILIES, LEVELS, RATES, SMALL, SMALL_LEVELS, SMALL_VOCAB, TINY, assert_states_equal,
+                       builder, coverage_mask, num_classes, per_entry_mean, random_labels, random_state_like,
+                       reference_aggregate, reference_split, shapes_at, slicer_for)
 from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 
@@ -326,12 +326,6 @@ def test_rows_outside_a_clients_labels_cannot_leak():
 
 # ---------------------------------------------------------------- the plain rule is the fast path, bit for bit
 
-def assert_states_equal(got: dict, expected: dict) -> None:
-    assert set(got) == set(expected)
-    for key in expected:
-        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
-
-
 def check_plain_equals_fast(family, global_level, levels, seed, **options):
     """The plain rule on the static holdings == the fast path, bit for bit; and close to reference.py's loop."""
     g = LEVELS[global_level]
@@ -431,11 +425,6 @@ def test_plain_rule_inputs_untouched_integers_plain_and_no_clients():
 
 # ---------------------------------------------------------------- any index sets (not prefixes)
 
-SMALL = {"conv": {"hidden": (4, 8, 8, 16)}, "resnet18": {"hidden": (4, 4, 8, 8)},
-         "transformer": {"vocab_size": 12, "embed": 16, "heads": 2, "hidden": 16, "layers": 1, "bptt": 8}}
-SMALL_LEVELS = {"conv": "abcde", "resnet18": "abcde", "transformer": "abcd"}  # 2 heads: d keeps 1 per head
-
-
 def random_holdings(slicer, rate: float, generator: torch.Generator) -> dict[str, Holding]:
     """As many channels as the static slice of ``rate`` holds on every scaled axis (per head for
     ``Heads``), but a random set of them in a random order."""
@@ -454,25 +443,6 @@ def random_holdings(slicer, rate: float, generator: torch.Generator) -> dict[str
                 index.append(torch.arange(size))
         out[key] = Holding(tuple(index), static.by_label)
     return out
-
-
-def per_entry_mean(old: dict, client_states, holdings, label_sets) -> dict:
-    """Obviously correct, slow: every client entry is added to the global entry it sits on and
-    counted there (label rows only for the client's labels); counted entries become sum / count."""
-    new = {}
-    for key, before in old.items():
-        sums, counts = {}, {}
-        for state, held, labels in zip(client_states, holdings, label_sets):
-            for position in itertools.product(*map(range, state[key].shape)):
-                if held[key].by_label and position[0] not in labels.tolist():
-                    continue
-                entry = tuple(int(held[key].index[axis][j]) for axis, j in enumerate(position))
-                sums[entry] = sums.get(entry, 0.0) + float(state[key][position])
-                counts[entry] = counts.get(entry, 0) + 1
-        new[key] = before.clone()
-        for entry, total in sums.items():
-            new[key][entry] = total / counts[entry]
-    return new
 
 
 @settings(max_examples=12, deadline=None)

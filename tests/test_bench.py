@@ -9,6 +9,7 @@ import torch
 
 from heterofl_core.bench import MIXTURES, format_report, loop_split, run_benchmark
 from heterofl_core.cli import build_parser, main
+from heterofl_core.config import EXTRACTIONS
 from heterofl_core.data import ImageData
 from heterofl_core.training import fast_layout, sbn_statistics
 from reference import FAMILIES, LEVELS, TINY, builder, slicer_for
@@ -98,3 +99,14 @@ def test_cli_registers_bench_with_help_for_every_option(capsys):
         main(["bench", "--help"])
     assert "--json" in capsys.readouterr().out
     assert main(["bench", "--repeats", "0"]) == 2
+
+
+def test_report_lists_split_and_aggregate_per_extraction_strategy(quick_report):
+    for family in FAMILIES:
+        result = quick_report["extraction"][family]
+        assert list(result["strategies"]) == list(EXTRACTIONS)
+        for strategy, row in result["strategies"].items():
+            assert row["split_vs_memcpy"] == pytest.approx(row["split_s"] / row["memcpy_s"])
+            assert row["aggregate_vs_memcpy"] == pytest.approx(row["aggregate_s"] / row["memcpy_s"])
+            assert row["aggregate_path"] == ("plain" if strategy == "random" else "fast"), (family, strategy)
+    assert "extraction strategies" in format_report(quick_report)

@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from heterofl_core import aggregation, extraction
 from heterofl_core.aggregation import aggregate, aggregate_fast, aggregate_holdings, aggregate_plain
 from heterofl_core.slicing import roll_channels
-from reference import (FAMILIES, FULL, LABELS, LEVELS, PREFIX, RATES, SMALL_VOCAB, TINY, builder, grid,
-                       num_classes, random_labels, random_state_like, reference_local_size, reference_rules,
-                       shapes_at, slicer_for)
+from reference import (FAMILIES, FULL, LABELS, LEVELS, PREFIX, RATES, SMALL, SMALL_LEVELS, SMALL_VOCAB, TINY,
+                       assert_states_equal, builder, grid, num_classes, per_entry_mean, random_labels,
+                       random_state_like, reference_local_size, reference_rules, shapes_at, slicer_for)
 from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
-from test_aggregation import SMALL, SMALL_LEVELS, assert_states_equal, per_entry_mean
 
 ROUNDS = (1, 2, 7, 130)  # 130: past every width of the tiny models, so the windows wrap more than once
 
@@ -248,7 +247,7 @@ def round_of(family: str, levels: str, strategy: str, round_: int, seed: int, op
 @pytest.mark.parametrize("levels", ["abcde", "bdd", "ee"])
 def test_rolling_fast_path_is_the_plain_rule_bit_for_bit(family, round_, levels):
     old, clients, holdings, labels = round_of(family, levels, "rolling", round_, seed=round_, options=TINY[family])
-    assert aggregation._why_not_fast(old, holdings) is None  # aggregate_holdings takes the fast path
+    assert aggregation.fast_path_applies(old, holdings)
     assert_states_equal(aggregate_holdings(old, clients, holdings, labels),
                         aggregate_plain(old, clients, holdings, labels))
 
@@ -260,7 +259,7 @@ def test_aggregation_is_the_per_entry_mean(family, strategy):
     for round_, seed in ((1, 0), (3, 1), (20, 2)):
         old, clients, holdings, labels = round_of(family, SMALL_LEVELS[family], strategy, round_, seed,
                                                   SMALL[family], torch.float64)
-        assert (aggregation._why_not_fast(old, holdings) is None) == (strategy == "rolling")
+        assert aggregation.fast_path_applies(old, holdings) == (strategy == "rolling")
         assert_states_equal(aggregate_holdings(old, clients, holdings, labels),
                             per_entry_mean(old, clients, holdings, labels))
 
@@ -304,3 +303,31 @@ def test_every_extraction_runs_in_the_round_loop_reproducibly(tmp_path, strategy
     tested = [frame[frame["split"] == "test"].drop(columns="elapsed_s").reset_index(drop=True) for frame in runs]
     assert sorted(runs[0]["round"].unique()) == [1, 2] and tested[0]["value"].notna().all()
     pd.testing.assert_frame_equal(tested[0], tested[1], check_exact=True)
+
+
+@pytest.mark.parametrize("strategy", extraction.EXTRACTIONS)
+def test_channels_held_are_the_channels_the_round_trains(tmp_path, strategy):
+    """channels_held draws what run_round draws: after the round, exactly the held output channels
+    of the first convolution moved (the others keep their values), each client holding ceil(rate K)."""
+    import math
+    from fakes import write_tiny_mnist
+    from heterofl_core.config import parse_control
+    from heterofl_core.data import load_dataset
+    from heterofl_core.federated import Federation
+    write_tiny_mnist(tmp_path / "data", n_train=200, n_test=50)
+    cfg = parse_control("1_10_0.5_iid_fix_a1-e9_bn_1_1", "MNIST", rounds=3, local_epochs=1, extraction=strategy)
+    federation = Federation.assemble(cfg, load_dataset("MNIST", tmp_path / "data"), torch.device("cpu"))
+    key = next(k for k in federation.slicer.global_shapes if k.endswith("weight"))  # the first convolution
+    state = federation.initial_state()
+    for round_ in (1, 2, 3):
+        plan, held = federation.channels_held(round_, key)
+        width = held.shape[1]
+        assert held.sum(1).tolist() == [math.ceil(rate * width) for rate in plan.rates]
+        if strategy != "random":
+            shift = 0 if strategy == "static" else round_ - 1
+            for row, rate in zip(held, plan.rates):
+                assert row.nonzero().flatten().tolist() == sorted(reference_window(PREFIX, width, row.sum().item(), shift).tolist())
+        new, _ = federation.run_round(state, round_)
+        moved = (new[key] != state[key]).flatten(1).any(1)
+        assert torch.equal(moved, held.any(0)), f"round {round_}"
+        state = new
