@@ -188,8 +188,9 @@ def _label_sets(family: str, vocab: int, clients: int, generator: torch.Generato
             for _ in range(clients)]
 
 
-def bench_server(family: str, mixture: str, device: torch.device, quick: bool, repeats: int) -> dict[str, Any]:
-    """Split and aggregate of 10 clients of ``mixture`` against the plain baselines and the copy floor."""
+def _server_inputs(family: str, mixture: str, device: torch.device,
+                   quick: bool) -> tuple[Slicer, State, list[float], list[torch.Tensor]]:
+    """The slicer, a global state (seed 0), the 10 clients' rates under ``mixture`` and their label sets."""
     options = _family_options(family, quick)
     slicer = Slicer(partial(build_model, family, **options))
     torch.manual_seed(0)
@@ -197,6 +198,12 @@ def bench_server(family: str, mixture: str, device: torch.device, quick: bool, r
     rates = [LEVEL_RATES[level] for level in assign_fixed_levels(parse_model_mode(mixture), CLIENTS)]
     vocab = options.get("vocab_size", 10)
     labels = [l.to(device) for l in _label_sets(family, vocab, CLIENTS, torch.Generator().manual_seed(0), quick)]
+    return slicer, global_state, rates, labels
+
+
+def bench_server(family: str, mixture: str, device: torch.device, quick: bool, repeats: int) -> dict[str, Any]:
+    """Split and aggregate of 10 clients of ``mixture`` against the plain baselines and the copy floor."""
+    slicer, global_state, rates, labels = _server_inputs(family, mixture, device, quick)
     clients = [slicer.split(global_state, rate) for rate in rates]
     client_tensors = [t for state in clients for t in state.values()]
     loop_repeats = 1 if family == "transformer" and not quick else repeats  # seconds per call
@@ -235,13 +242,7 @@ def bench_extraction(family: str, device: torch.device, quick: bool, repeats: in
     """Per extraction strategy, split and aggregate (:func:`~heterofl_core.extraction.split`,
     :func:`~heterofl_core.aggregation.aggregate_holdings`) of 10 clients of every level, against the
     copy floor. Static and rolling take the fast path; random, whose sets do not nest, the plain rule."""
-    options = _family_options(family, quick)
-    slicer = Slicer(partial(build_model, family, **options))
-    torch.manual_seed(0)
-    global_state = {k: v.to(device) for k, v in build_model(family, 1.0, **options).state_dict().items()}
-    rates = [LEVEL_RATES[level] for level in assign_fixed_levels(parse_model_mode(EXTRACTION_MIXTURE), CLIENTS)]
-    vocab = options.get("vocab_size", 10)
-    labels = [l.to(device) for l in _label_sets(family, vocab, CLIENTS, torch.Generator().manual_seed(0), quick)]
+    slicer, global_state, rates, labels = _server_inputs(family, EXTRACTION_MIXTURE, device, quick)
     out: dict[str, Any] = {"mixture": EXTRACTION_MIXTURE, "round": EXTRACTION_ROUND, "strategies": {}}
     for strategy in EXTRACTIONS:
         generator = torch.Generator().manual_seed(0)
