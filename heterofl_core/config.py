@@ -27,6 +27,7 @@ MODEL_SPLITS = ("fix", "dynamic")
 MASK_FILLS = ("zero", "-inf")  # see losses.FILLS
 SBN_SOURCES = ("server", "clients")  # see federated.Federation.evaluation_model
 EXTRACTIONS = ("static", "rolling", "random")  # see extraction.py
+PARTICIPANTS = ("all", "widest")  # see federated.Federation.plan_round
 _VALID_LEVELS = f"valid levels: {', '.join(f'{k}={v:g}' for k, v in LEVEL_RATES.items())}"
 
 
@@ -68,6 +69,10 @@ class ExperimentConfig:
     sbn_batch_size: int = 0  # batches the sBN statistics average over; 0 = batch_size_train (the authors' loader)
     extraction: str = "static"  # which channels a client holds: static (the paper), rolling (FedRolex), random
     sbn_source: str = "server"  # server: one pass over the training set (the paper); clients: each user's own pass, combined
+    # all: every sampled client trains at its level (HeteroFL); widest: only sampled clients at the global
+    # model's level train, the rest sit the round out (FedAvg restricted to the clients that can hold the
+    # full model: a baseline)
+    participants: str = "all"
     # --- model options ---
     resnet_blocks: tuple[int, ...] = (1, 1, 1, 2)  # the paper's numbers; the authors' later code: (2, 2, 2, 2)
     mask_fill: str = "zero"  # what replaces logits of absent classes: zero (authors) or -inf
@@ -207,6 +212,10 @@ def _validate(cfg: ExperimentConfig) -> None:
     need(cfg.norm in NORMS, f"unknown norm {cfg.norm!r}; valid: {', '.join(NORMS)}")
     need(cfg.extraction in EXTRACTIONS, f"unknown extraction {cfg.extraction!r}; valid: {', '.join(EXTRACTIONS)}")
     need(cfg.sbn_source in SBN_SOURCES, f"unknown sbn_source {cfg.sbn_source!r}; valid: {', '.join(SBN_SOURCES)}")
+    need(cfg.participants in PARTICIPANTS,
+         f"unknown participants {cfg.participants!r}; valid: all (every sampled client trains at its level: "
+         f"HeteroFL), widest (only sampled clients at the global model's level train: FedAvg on the clients "
+         f"that can hold it)")
     need(cfg.sbn_source == "server" or cfg.sbn_samples == 0,
          "sbn_samples subsamples the server's pass; with sbn_source=clients every user passes over all its data")
     need(cfg.mask_fill in MASK_FILLS, f"unknown mask fill {cfg.mask_fill!r}; valid: {', '.join(MASK_FILLS)}")

@@ -35,6 +35,15 @@ def image_metrics(logits: torch.Tensor, target: torch.Tensor, user_index: list[t
     return {k: v.item() for k, v in metrics.items()}
 
 
+def local_chance(user_masks: torch.Tensor, test_counts: torch.Tensor | list[int]) -> float:
+    """The chance level of Local accuracy (%): each user guesses uniformly among its own classes (its label
+    mask, the classes a masked prediction chooses among), weighted by its test samples as Local accuracy
+    is. Two classes per user (non-iid-2): 50 %; every class (iid): 100 / classes."""
+    counts = torch.as_tensor(test_counts, dtype=torch.float64)
+    held = user_masks.sum(1).to(torch.float64).cpu()
+    return float((counts / held).sum() / counts.sum() * 100)
+
+
 def masked_log_partition(logits: torch.Tensor, masks: torch.Tensor, fill: str = "zero") -> torch.Tensor:
     """log-sum-exp of (P, V) logits after each of U masks (U, V): returns (U, P).
 

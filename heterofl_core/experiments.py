@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import lru_cache
@@ -275,10 +275,14 @@ def finished(folder: Path, cfg: ExperimentConfig) -> bool:
 
 def run_cached(experiment: Experiment, runs_dir: str | os.PathLike, *, device: str = "auto",
                on_round: RoundCallback | None = None) -> tuple[pd.DataFrame, bool]:
-    """(tidy metrics, whether they came from the cache): read a finished run, else run or continue it."""
+    """(tidy metrics, whether they came from the cache): read a finished run, else run or continue it.
+    ``on_round`` sees every round trained now; a run read back shows it its last round once."""
     folder = experiment.folder(runs_dir)
     if finished(folder, experiment.cfg):
-        return read_metrics(folder), True
+        frame = read_metrics(folder)
+        if on_round is not None:
+            on_round(experiment.cfg.rounds, frame)
+        return frame, True
     data = experiment.data.load()
     (folder.parent).mkdir(parents=True, exist_ok=True)
     (folder / "experiment.json").parent.mkdir(parents=True, exist_ok=True)
@@ -380,17 +384,29 @@ def summarise(frame: pd.DataFrame, experiment: Experiment) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- the grids
 
-def interpolation_modes(global_levels: Iterable[str], points: Iterable[int], other_levels: Iterable[str] | None = None,
-                        small_ends: bool = False) -> list[dict[str, Any]]:
-    """The spec's interpolation grid: per global level x, x alone and x{i}-y{10-i} for each smaller y.
-
-    ``other_levels`` keeps only those y (default: every smaller level); ``small_ends`` adds each line's
-    other end, y alone (``i`` 0). Returns rows with ``global_level``, ``other_level`` (None for x alone),
-    ``i`` (10 for x alone, 0 for y alone) and ``mode``; a run shared by several panels (e alone) appears in each.
-    """
+def _mixture_points(points: Iterable[int]) -> list[int]:
+    """``points`` sorted and checked: each i of a mixture x{i}-y{10-i} is in 1..9."""
     points = sorted(set(int(i) for i in points))
     if any(not 1 <= i <= 9 for i in points):
         raise ValueError(f"interpolation points are i in 1..9 (mixture x{{i}}-y{{10-i}}), got {points}")
+    return points
+
+
+def interpolation_modes(global_levels: Iterable[str], points: Iterable[int], other_levels: Iterable[str] | None = None,
+                        small_ends: bool = False,
+                        panel_points: Mapping[str, Iterable[int]] | None = None) -> list[dict[str, Any]]:
+    """The spec's interpolation grid: per global level x, x alone and x{i}-y{10-i} for each smaller y.
+
+    ``points``: the i of every panel; ``panel_points``: a panel's own i instead (``{"a": [1, 3, 5, 7, 9]}``;
+    a level not in ``global_levels`` draws no panel). ``other_levels`` keeps only those y (default: every
+    smaller level); ``small_ends`` adds each line's other end, y alone (``i`` 0). Returns rows with
+    ``global_level``, ``other_level`` (None for x alone), ``i`` (10 for x alone, 0 for y alone) and ``mode``;
+    a run shared by several panels (e alone) appears in each.
+    """
+    points = _mixture_points(points)
+    own = {x: _mixture_points(i) for x, i in (panel_points or {}).items()}
+    if unknown := [x for x in own if x not in LEVELS[:-1]]:
+        raise ValueError(f"panel_points names panels {unknown}; a panel is one of {', '.join(LEVELS[:-1])}")
     others = None if other_levels is None else list(other_levels)
     if others is not None and (unknown := [y for y in others if y not in LEVELS]):
         raise ValueError(f"other levels must be among {', '.join(LEVELS)}, got {unknown}")
@@ -404,7 +420,8 @@ def interpolation_modes(global_levels: Iterable[str], points: Iterable[int], oth
                 continue
             if small_ends:
                 rows.append({"global_level": x, "other_level": y, "i": 0, "mode": f"{y}1"})
-            rows += [{"global_level": x, "other_level": y, "i": i, "mode": f"{x}{i}-{y}{10 - i}"} for i in points]
+            rows += [{"global_level": x, "other_level": y, "i": i, "mode": f"{x}{i}-{y}{10 - i}"}
+                     for i in own.get(x, points)]
     return rows
 
 
@@ -419,11 +436,12 @@ def interpolation_experiments(data: DataSpec, scale: Scale, global_levels: Itera
                               curve_points: Iterable[int] = (), curve_eval_every: int | None = None,
                               vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0,
                               other_levels: Iterable[str] | None = None, small_ends: bool = False,
-                              seeds: Sequence[int] | None = None) -> list[Experiment]:
+                              seeds: Sequence[int] | None = None,
+                              panel_points: Mapping[str, Iterable[int]] | None = None) -> list[Experiment]:
     """The runs of an interpolation grid (iid, fix): each distinct mode of :func:`interpolation_modes` once per
     seed (``seeds``, default ``[seed]``). Under the first seed, x alone and the mixtures with i in
     ``curve_points`` of the widest panel are tested every ``curve_eval_every`` rounds for learning curves."""
-    rows = interpolation_modes(global_levels, points, other_levels, small_ends)
+    rows = interpolation_modes(global_levels, points, other_levels, small_ends, panel_points)
     widest = rows[0]["global_level"] if rows else None
     curve_points = set(curve_points)
     first: dict[str, dict[str, Any]] = {}
@@ -480,7 +498,7 @@ def trend_shown(points: pd.DataFrame, lower_is_better: bool = False, min_seeds: 
     return shown
 
 
-# ----------------------------------------------------------------------------- the interpolation notebooks (04-06)
+# ----------------------------------------------------------------------------- the interpolation notebooks (06-08)
 
 def _share_words(share: int, total: int, first: bool) -> str:
     part = Fraction(share, total)
@@ -535,13 +553,14 @@ PAPER_ALONE = {
 
 
 class InterpolationStudy:
-    """One dataset's interpolation experiment at a notebook's settings (notebooks 04-06): the grid of mixtures
+    """One dataset's interpolation experiment at a notebook's settings (notebooks 06-08): the grid of mixtures
     x{i}-y{10-i} with each line's ends, every run under each seed, the run watched live, the interpolation
     figure and the learning curves with their records, and the checks every such notebook ends with. Each step
     is one method; :meth:`run_everything` does all.
 
     ``settings`` is the notebook's :func:`heterofl_core.profiles.settings` (``scale``, ``global_levels``,
-    ``points``, ``other_levels``, ``seeds``, ``curve_eval_every``, ``featured_mode``); ``paths`` is
+    ``points``, optional ``panel_points`` (a panel's own points), ``other_levels``, ``seeds``,
+    ``curve_eval_every``, ``featured_mode``); ``paths`` is
     :func:`notebook_paths`. ``seed`` is used when the settings name no ``seeds``.
     """
 
@@ -563,11 +582,11 @@ class InterpolationStudy:
         self.reductions = self.scale.reductions(dataset) + [f"{len(self.seeds)} seed{'s' * (len(self.seeds) > 1)} "
                                                             f"per point ({', '.join(map(str, self.seeds))}; paper: 1)"]
         self.layout = interpolation_modes(settings.global_levels, settings.points, settings.get("other_levels"),
-                                          small_ends=True)
+                                          small_ends=True, panel_points=settings.get("panel_points"))
         grid = interpolation_experiments(self.data, self.scale, settings.global_levels, settings.points,
                                          curve_points=[5], curve_eval_every=settings.curve_eval_every,
                                          vocab_size=self.vocab_size, other_levels=settings.get("other_levels"),
-                                         small_ends=True, seeds=self.seeds)
+                                         small_ends=True, seeds=self.seeds, panel_points=settings.get("panel_points"))
         featured = (settings.featured_mode, self.seeds[0])
         self.grid = [self._curve(e) if (e.name, e.cfg.seed) == featured else e for e in grid]
         self.featured = next((e for e in self.grid if (e.name, e.cfg.seed) == featured), None) or self._curve(
@@ -592,13 +611,14 @@ class InterpolationStudy:
                           f"{', '.join(modes)}"])
 
     def watch(self, interactive: bool = False) -> Results:
-        """Train (or read back) the featured run; interactive, its curves redraw every round, else they are
-        drawn once at the end."""
+        """Train (or read back) the featured run; interactive, its curves redraw every round (a run read back:
+        its last round), else they are drawn once at the end."""
         from . import plots
 
         live = plots.LiveCurves(self.metric, f"{self.dataset} {self.featured.name}", interactive)
         results = run_all([self.featured], self.runs_dir, on_round=lambda experiment: live)
-        plots.learning_curves(results.history, self.metric, f"{self.dataset}: {self.featured.cfg.control}")
+        if not live.interactive:
+            plots.learning_curves(results.history, self.metric, f"{self.dataset}: {self.featured.cfg.control}")
         return results
 
     def run(self) -> Results:
@@ -665,11 +685,20 @@ class InterpolationStudy:
         banner = self.scale.banner(self.profile, self.dataset, len(self.seeds), self.settings.global_levels)
         paper_values, paper_label = PAPER_ALONE.get(self.dataset, ({}, ""))
         reference = self.reference()
+        panel_points = {x: sorted({row["i"] for row in self.layout if row["global_level"] == x and 0 < row["i"] < 10})
+                        for x in dict.fromkeys(row["global_level"] for row in self.layout)}
+        panels_of: dict[tuple[int, ...], list[str]] = {}  # panels with the same points, said once
+        for x, i in panel_points.items():
+            panels_of.setdefault(tuple(i), []).append(x)
+        said = "; ".join(f"{', '.join(map(str, i))} (panel{'s' * (len(xs) > 1)} {', '.join(xs)})"
+                         for i, xs in panels_of.items())
         note = figure_note(self.profile, self.reductions, results.data_sources(),
                            f"y: global {kind} of the final round, mean over seeds {self.seeds}, bars: their range; "
-                           f"each line, left to right: y alone, x{{i}}-y{{10-i}} for i = "
-                           f"{', '.join(map(str, sorted(set(self.settings.points))))}, x alone; labels: share of "
-                           f"users at level x")
+                           f"each line, left to right: y alone, x{{i}}-y{{10-i}} for i = {said}, x alone; markers "
+                           f"are the measured points, the dotted line only joins them (nothing was measured between); "
+                           f"the smallest level alone is the same runs in every panel (grey square, dashed line); "
+                           f"top axis: share of users at level x; a reference far off the data is written at the "
+                           f"panel's edge with its value")
         fig = plots.interpolation_figure(points, self.metric, title, banner, paper=paper_values,
                                          paper_label=paper_label, reference=reference if not converged or
                                          self.lower_is_better else None)
@@ -677,7 +706,7 @@ class InterpolationStudy:
                             configs=results.configs(), reductions=self.reductions, dataset=self.dataset,
                             banner=banner, trained_with=trained_with, trend_shown=shown,
                             reference={"label": reference[1], "value": reference[0]},
-                            paper={"label": paper_label, "values": paper_values},
+                            paper={"label": paper_label, "values": paper_values}, panel_points=panel_points,
                             points=points.to_dict("records"))
         saved = plots.save_figure(fig, self.figures_dir, f"interpolation_{self.dataset}", meta)
 
@@ -696,7 +725,7 @@ class InterpolationStudy:
         return self.saved
 
     def run_everything(self, interactive: bool = False) -> Results:
-        """:meth:`watch`, :meth:`run` and :meth:`draw`: the whole recipe of notebook 04 in one call."""
+        """:meth:`watch`, :meth:`run` and :meth:`draw`: the whole recipe of notebook 06 in one call."""
         self.watch(interactive)
         self.run()
         self.draw()
@@ -765,6 +794,7 @@ ABLATION_VARIANTS = [  # (label, norm, scale, mask)
     ("sBN + masked CE", "bn", False, True),
     ("sBN + Scaler", "bn", True, False),
     ("sBN + Scaler + masked CE", "bn", True, True),
+    ("no norm + masked CE", "none", False, True),  # with the next row: the Scaler where no norm follows it
     ("no norm + Scaler + masked CE", "none", True, True),
     ("InstanceNorm + Scaler + masked CE", "in", True, True),
     ("GroupNorm + Scaler + masked CE", "gn", True, True),
@@ -775,6 +805,7 @@ PAPER_ABLATION = {  # (dataset, variant) -> (local, global) accuracy: the a-e ro
     ("MNIST", "sBN + masked CE"): (99.8, 98.0),
     ("MNIST", "sBN + Scaler"): (99.3, 99.3),
     ("MNIST", "sBN + Scaler + masked CE"): (99.8, 98.2),
+    ("MNIST", "no norm + masked CE"): (99.4, 95.7),
     ("MNIST", "no norm + Scaler + masked CE"): (99.5, 95.8),
     ("MNIST", "InstanceNorm + Scaler + masked CE"): (99.8, 98.7),
     ("MNIST", "GroupNorm + Scaler + masked CE"): (99.5, 96.2),
@@ -783,6 +814,7 @@ PAPER_ABLATION = {  # (dataset, variant) -> (local, global) accuracy: the a-e ro
     ("CIFAR10", "sBN + masked CE"): (90.7, 57.7),
     ("CIFAR10", "sBN + Scaler"): (46.0, 46.7),
     ("CIFAR10", "sBN + Scaler + masked CE"): (92.8, 60.4),
+    ("CIFAR10", "no norm + masked CE"): (89.1, 52.8),
     ("CIFAR10", "no norm + Scaler + masked CE"): (90.3, 55.6),
     ("CIFAR10", "InstanceNorm + Scaler + masked CE"): (87.0, 34.4),
     ("CIFAR10", "GroupNorm + Scaler + masked CE"): (88.7, 49.7),
@@ -813,7 +845,7 @@ def ablation_experiments(data: DataSpec, scale: Scale, mode: str = "a1-e1", spli
 def extraction_experiments(data: DataSpec, scale: Scale, mode: str = "a1-e9",
                            model_splits: Iterable[str] = ("fix", "dynamic"),
                            strategies: Iterable[str] = EXTRACTIONS, seeds: Iterable[int] = (0,)) -> list[Experiment]:
-    """One run per (model split, extraction strategy, seed) of one mixture on iid data (notebook 10)."""
+    """One run per (model split, extraction strategy, seed) of one mixture on iid data (notebook 12)."""
     strategies = list(strategies)
     if unknown := [s for s in strategies if s not in EXTRACTIONS]:
         raise ValueError(f"unknown extraction strategies {unknown}; valid: {', '.join(EXTRACTIONS)}")
@@ -821,3 +853,33 @@ def extraction_experiments(data: DataSpec, scale: Scale, mode: str = "a1-e9",
                        scale.config(data.name, scale.control(mode, model_split=split), extraction=strategy, seed=seed),
                        data, {"model_split": split, "extraction": strategy, "seed": seed})
             for split in model_splits for strategy in strategies for seed in seeds]
+
+
+def baseline_experiments(data: DataSpec, scale: Scale, mode: str = "a1-e9", seeds: Sequence[int] = (0,),
+                         model_split: str = "fix") -> list[Experiment]:
+    """HeteroFL on a mixture beside the FedAvg runs the same users, data and budget allow (notebook 05):
+    HeteroFL; FedAvg at the global level with only the clients that can hold it (the others sit out:
+    ``participants=widest``); FedAvg at the smallest level (the mode's last) with every client; and, as an
+    upper reference no real federation of these clients reaches, FedAvg at the global level with every client.
+    Single-level runs use the ``fix`` split (every user has the one level either way)."""
+    levels = parse_model_mode(mode, shorthand=True)
+    if len(levels) < 2:
+        raise ValueError(f"baselines compare a mixture of levels with its widest and smallest level; got the "
+                         f"single level {format_model_mode(levels)}: use e.g. a1-e9")
+    mode, top, small = format_model_mode(levels), levels[0][0], levels[-1][0]
+    mixed = "-".join(level for level, _ in levels)
+    runs = [  # (name, mode, model split, participants, labels)
+        (f"HeteroFL {mode}", mode, model_split, "all",
+         dict(method="HeteroFL", width=mixed, trains="every client, at its own level", reachable=True)),
+        (f"FedAvg {top}, only clients that hold it", mode, model_split, "widest",
+         dict(method="FedAvg", width=top, trains=f"only the clients at level {top}; the others sit out",
+              reachable=True)),
+        (f"FedAvg {small}, every client", f"{small}1", "fix", "all",
+         dict(method="FedAvg", width=small, trains="every client", reachable=True)),
+        (f"FedAvg {top}, every client (upper reference)", f"{top}1", "fix", "all",
+         dict(method="FedAvg", width=top, trains="every client, even those that cannot hold it", reachable=False)),
+    ]
+    return [Experiment(name, scale.config(data.name, scale.control(run_mode, model_split=split), seed=seed,
+                                          participants=participants),
+                       data, {**labels, "mode": run_mode, "participants": participants, "seed": seed})
+            for seed in seeds for name, run_mode, split, participants, labels in runs]

@@ -3,7 +3,13 @@
 One round: sample ceil(frac * users) active users; give each its level (fixed, or
 drawn afresh under ``dynamic``); split the global model to each client's width;
 train locally; aggregate by the per-entry count rule; recompute sBN statistics
-on a fresh full-width copy; evaluate Global and Local metrics.
+on a fresh full-width copy; evaluate Global and Local metrics. Under
+``participants=widest`` only the sampled clients at the global model's level train
+(FedAvg on the clients that can hold it: a baseline); a round may then have none.
+
+Beside sBN, the alternative a reader tries first: clients keep running BatchNorm
+statistics while they train and the server averages them
+(:meth:`Federation.local_update_tracking`, :meth:`Federation.averaged_statistics_model`).
 
 Randomness comes from generators, never from torch's global state: the server's
 draws of a round from one seeded by (seed, round), each client's from its own,
@@ -34,6 +40,7 @@ from .config import LEVEL_RATES, ExperimentConfig, assign_fixed_levels, draw_dyn
 from .data import ImageData, TextData, load_dataset
 from .families import FAMILIES, get_family
 from .models import model_builder
+from .models.layers import CLIENT_BN_MOMENTUM, track_running_statistics
 from .runs import RunError, RunFolder, RunState, metrics_frame
 from .slicing import Holding, Slicer, State
 from .splits import ClientSplit, split_clients
@@ -120,6 +127,7 @@ class RoundPlan:
     users: list[int]
     rates: list[float]
     lr: float
+    sat_out: list[int] = field(default_factory=list)  # sampled, but not training (``participants=widest``)
 
 
 @dataclass
@@ -138,6 +146,7 @@ class Federation:
     has_cohort_form: bool  # the family has a cohort form (cohort.grouped_model)
     uses_sbn: bool  # the evaluation copy has BatchNorms whose statistics the server recomputes
     models: dict[float, nn.Module] = field(default_factory=dict)  # one training model per width, reused
+    tracking_models: dict[float, nn.Module] = field(default_factory=dict)  # the same, tracking BN statistics
 
     @classmethod
     def assemble(cls, cfg: ExperimentConfig, data: ImageData | TextData, device: torch.device,
@@ -177,14 +186,22 @@ class Federation:
             return build(rate)
 
     def plan_round(self, round_: int, generator: torch.Generator) -> RoundPlan:
-        """The round's active users (uniform, without replacement) and their widths."""
+        """The round's active users (uniform, without replacement) and their widths; under
+        ``participants=widest`` only those at the global model's width train, the others sit out
+        (the same draws either way)."""
         cfg = self.cfg
         users_total = len(self.fixed_levels)
         active = min(cfg.active_users, users_total)
         users = torch.randperm(users_total, generator=generator, device=self.device)[:active].tolist()
         levels = (draw_dynamic_levels(cfg.model_mode, users_total, generator) if cfg.model_split == "dynamic"
                   else self.fixed_levels)
-        return RoundPlan(round_, users, [LEVEL_RATES[levels[u]] for u in users], scheduled_lr(cfg, round_))
+        rates = [LEVEL_RATES[levels[u]] for u in users]
+        if cfg.participants == "all":
+            return RoundPlan(round_, users, rates, scheduled_lr(cfg, round_))
+        assert cfg.participants == "widest", cfg.participants
+        trains = [rate == cfg.global_rate for rate in rates]
+        return RoundPlan(round_, [u for u, t in zip(users, trains) if t], [r for r, t in zip(rates, trains) if t],
+                         scheduled_lr(cfg, round_), sat_out=[u for u, t in zip(users, trains) if not t])
 
     def run_round(self, state: State, round_: int) -> tuple[State, dict[str, float]]:
         """One federated round; returns the new global state and the round's metrics and phase times."""
@@ -214,8 +231,7 @@ class Federation:
                     evaluated = self.evaluation_model(state, generator, round_)
                 with timer.phase("eval"):
                     metrics = self.workload.evaluate(evaluated, generator)
-            metrics.update(train_loss=(stats.loss_sum / max(stats.count, 1)).item(),
-                           train_accuracy=(stats.correct / max(stats.count, 1) * 100).item(), lr=plan.lr)
+            metrics.update(stats.metrics(), lr=plan.lr, clients_trained=len(plan.users))
         return state, {**metrics, **timer.report()}
 
     def round_holdings(self, plan: RoundPlan, generator: torch.Generator) -> list[dict[str, Holding]]:
@@ -278,8 +294,29 @@ class Federation:
         the client's generator seeded by (seed, round, user)): it does not depend on which
         other clients train, in which order, or in which process.
         """
-        model = self.training_model(rate)
-        model.load_state_dict(sub_state)
+        return self.train_locally(self.training_model(rate), sub_state, user, round_)
+
+    def local_update_tracking(self, sub_state: State, user: int, rate: float,
+                              round_: int) -> tuple[State, TrainStats]:
+        """:meth:`local_update` on a model whose BatchNorms also track running statistics, as
+        PyTorch's default ``nn.BatchNorm2d`` does (momentum 0.1): what a reader would try before sBN.
+
+        The same generator, batches and steps; a train-mode forward ignores running statistics,
+        so the trained weights are :meth:`local_update`'s, bit for bit. The returned state adds each
+        BatchNorm's ``running_mean``, ``running_var`` and ``num_batches_tracked``; they start from
+        ``sub_state``'s when it holds them, else from the initial 0 / 1 / 0 (the global state
+        carries none: sBN's server keeps no statistics).
+        """
+        self._need_batch_norm("local_update_tracking")
+        model = self.tracking_model(rate)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+        return self.train_locally(model, sub_state, user, round_)
+
+    def train_locally(self, model: nn.Module, sub_state: State, user: int, round_: int) -> tuple[State, TrainStats]:
+        """Load ``sub_state`` into ``model`` and train it as ``user`` in round ``round_``; its trained state."""
+        load_weights(model, sub_state)
         generator = client_generator(self.cfg.seed, round_, user, self.device)
         with global_rng(seed_for(self.cfg.seed, round_, 2, user), self.device):  # dropout
             stats = train_client(model, self.workload.client_batches(user, generator), self.user_mask(user),
@@ -304,6 +341,13 @@ class Federation:
             self.models[rate] = fast_layout(self.seeded_build(self.build, rate).to(self.device))
         return self.models[rate]
 
+    def tracking_model(self, rate: float) -> nn.Module:
+        """:meth:`training_model` with BatchNorms that track running statistics (momentum 0.1), same layout."""
+        if rate not in self.tracking_models:
+            model = track_running_statistics(self.seeded_build(self.build, rate), CLIENT_BN_MOMENTUM)
+            self.tracking_models[rate] = fast_layout(model.to(self.device))
+        return self.tracking_models[rate]
+
     def user_mask(self, user: int) -> torch.Tensor | None:
         """The user's label mask for the masked loss, or None when masking is off."""
         return self.workload.user_masks[user] if self.cfg.mask else None
@@ -327,10 +371,7 @@ class Federation:
     def evaluation_copy(self, state: State) -> nn.Module:
         """A fresh full-width evaluation model holding ``state`` (statistics not yet computed)."""
         model = fast_layout(self.seeded_build(self.build_eval, self.cfg.global_rate).to(self.device), training=False)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and all(k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
-                                      for k in missing), (missing, unexpected)
-        return model
+        return load_weights(model, state)
 
     def user_sbn_sums(self, model: nn.Module, user: int, round_: int) -> State:
         """One user's sBN pass over its own training data (training.sbn_sums): its share of the
@@ -338,6 +379,53 @@ class Federation:
         generator = client_sbn_generator(self.cfg.seed, round_, user, self.device)
         sbn_statistics(model, self.workload.user_stats_inputs(user, generator), self.cfg.sbn_batch)
         return sbn_sums(model)
+
+    # -- the alternative to sBN: the clients' running statistics, averaged ----------------------
+
+    def averaged_statistics_model(self, state: State, client_states: list[State], rates: list[float]) -> nn.Module:
+        """A fresh full-width evaluation copy holding ``state``'s weights whose BatchNorm statistics are
+        the clients' running statistics (:meth:`local_update_tracking`) averaged by the count rule: per
+        channel, the mean over the clients whose rate-``rates[m]`` sub-model holds it (static extraction);
+        a channel no client held keeps the initial mean 0 / variance 1. In eval mode, ready for
+        ``workload.evaluate``: the obvious alternative to sBN (:meth:`evaluation_model`)."""
+        self._need_batch_norm("averaged_statistics_model")
+        self._need_static("averaged_statistics_model")
+        model = self.evaluation_copy(state)
+        initial = {key: value for key, value in model.state_dict().items() if is_statistic(key)}
+        for m, client in enumerate(client_states):
+            if missing := sorted(set(initial) - set(client)):
+                raise ValueError(f"client state {m} holds no running statistics ({missing[0]}, ...): train it with "
+                                 f"Federation.local_update_tracking")
+        owner = {key: f"{key.rsplit('.', 1)[0]}.weight" for key in initial}  # a statistic's channels are its BN's
+        holdings = [{key: self.slicer.holdings(rate)[owner[key]] for key in initial} for rate in rates]
+        averaged = aggregate_holdings(initial, [{key: client[key] for key in initial} for client in client_states],
+                                      holdings, [torch.empty(0, dtype=torch.long)] * len(rates))
+        return load_weights(model, {**state, **averaged}).eval()
+
+    def _need_batch_norm(self, what: str) -> None:
+        if not self.uses_sbn:
+            raise ValueError(f"{what} needs BatchNorm layers: model {self.cfg.model!r} with norm {self.cfg.norm!r} "
+                             f"has none (use norm=bn with an image model)")
+
+    def _need_static(self, what: str) -> None:
+        if self.cfg.extraction != "static":
+            raise ValueError(f"{what} takes the clients of static extraction (each rate's nested prefixes), "
+                             f"not extraction={self.cfg.extraction!r}")
+
+
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # a BatchNorm's buffers: not trained
+
+
+def is_statistic(key: str) -> bool:
+    """Whether state key ``key`` is a BatchNorm's running statistic (not a trained tensor)."""
+    return key.rsplit(".", 1)[-1] in STATISTICS
+
+
+def load_weights(model: nn.Module, state: State) -> nn.Module:
+    """``model.load_state_dict(state)`` where ``state`` may lack running statistics (those keep ``model``'s)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(is_statistic(key) for key in missing), (missing, unexpected)
+    return model
 
 
 def add_states(states: list[State]) -> State:
@@ -439,7 +527,7 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
 def _split_of(metric: str) -> str:
     if metric.endswith("_s"):
         return "time"
-    if metric.startswith("train_") or metric == "lr":
+    if metric.startswith("train_") or metric in ("lr", "clients_trained"):
         return "train"
     return "test"
 

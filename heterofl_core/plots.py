@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import matplotlib
 
+import matplotlib.lines as mlines
 import matplotlib.pyplot as plt
 import matplotlib.ticker as mticker
 import numpy as np
@@ -67,58 +68,150 @@ def _param_axis(ax: plt.Axes) -> None:
 
 # ----------------------------------------------------------------------------- the interpolation figure
 
+_PAPER_RED = "#c0392b"  # the paper's numbers, a red diamond beside ours
+
+
 def interpolation_figure(points: pd.DataFrame, metric: str, title: str, banner: str | None = None, *,
                          paper: dict[str, float] | None = None, paper_label: str = "paper",
                          reference: tuple[float, str] | None = None) -> plt.Figure:
-    """The spec's interpolation figure: one panel per global level x (a, b, c, d); in each, one line per
-    smaller level y from y alone through the mixtures x{i}-y{10-i} to x alone, against the mixture's mean
-    parameters; each point the mean over seeds with its range (bar and band), labelled with the share of
-    users at level x. ``points`` as :func:`heterofl_core.experiments.interpolation_points` returns them.
+    """The spec's interpolation figure: one panel per global level x (a, b, c, d), all on one value axis; in
+    each, one line per smaller level y from y alone through the mixtures x{i}-y{10-i} to x alone (★), against
+    the mixture's mean parameters per client. Only what was measured is drawn: each point a marker, the mean
+    over seeds with their range as a bar; a thin dotted connector joins a line's measured points in order and
+    implies no shape between them. The smallest level alone (e: the same runs in every panel) is one shared
+    reference, a grey square with a dashed line across each panel. The top axis gives the share of users at
+    level x along the line to that level, ticked where it was measured. ``points`` as
+    :func:`heterofl_core.experiments.interpolation_points` returns them.
 
-    ``paper``: a level's value alone in the paper (drawn at that level's size, labelled ``paper_label``);
-    ``reference``: (value, label) of a level to beat, drawn as a dashed line (chance, unigram perplexity).
+    ``paper``: a level's value alone in the paper (a red diamond at that level's size, labelled ``paper_label``);
+    ``reference``: (value, label) of a level to beat (chance, unigram perplexity), a dash-dot line. Either one
+    far off the data does not stretch the axis: it is written at the panel's edge with an arrow ("paper 91.19 ↑").
     Perplexity is drawn on a log axis.
     """
     panels = [x for x in LEVEL_NAMES if x in set(points["panel"])]
     colors = level_colors()
+    log = metric.endswith("perplexity")
+    smallest = max(points["line"].dropna(), key=LEVEL_NAMES.index, default=None)  # e alone: shared by the panels
+    drawn = {x: {row["mix"][0]: row["mean_size"] for _, row in points[points["panel"] == x].iterrows()
+                 if row["share_big"] in (0, 1)} for x in panels}  # the levels alone drawn in each panel: their size
+    shown = {x: {level: value for level, value in (paper or {}).items() if level in drawn[x]} for x in panels}
+    extras = [value for values in shown.values() for value in values.values()] + ([reference[0]] if reference else [])
+    low, high = _value_limits(points, extras, log)
     cols = 2 if len(panels) > 1 else 1
     rows = int(np.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(8.5 * cols, 6.4 * rows + 1.2), squeeze=False)
-    lower_is_better = metric.endswith("perplexity")
+    fig, axes = plt.subplots(rows, cols, figsize=(8.5 * cols, 6.2 * rows + 2.6), squeeze=False, sharey=True,
+                             layout="constrained")
+    if log:
+        _log_axis(axes[0, 0])
+        if np.log10(high / low) < 1.5:  # 1, 2 and 5 alone would leave two or three ticks here
+            axes[0, 0].yaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1, 1.5, 2, 3, 4, 5, 6, 7, 8)))
+    axes[0, 0].set_ylim(low, high)
+    legend: dict[str, Any] = {}
     for ax, x in zip(axes.flat, panels):
         panel = points[points["panel"] == x]
         alone = panel[panel["line"].isna()]
-        for y in [level for level in LEVEL_NAMES if level in set(panel["line"].dropna())]:
+        lines = [y for y in LEVEL_NAMES if y in set(panel["line"].dropna())]
+        for y in lines:
             line = pd.concat([panel[panel["line"] == y], alone]).sort_values("mean_size")
-            ax.fill_between(line["mean_size"], line["low"], line["high"], color=colors[y], alpha=0.18, lw=0)
-            ax.errorbar(line["mean_size"], line["mean"], yerr=[line["mean"] - line["low"], line["high"] - line["mean"]],
-                        marker="o", lw=2.5, ms=8, capsize=5, color=colors[y], label=f"{x}–{y}: mean, range")
-            for _, point in line.iterrows():
-                share = f"{point['share_big']:.0%}" + (f" ({y} alone)" if point["share_big"] == 0 else "")
-                ax.annotate(share, (point["mean_size"], point["mean"]), textcoords="offset points",
-                            xytext=(6, -18 if lower_is_better else 8), fontsize=14, color=colors[y])
+            ax.plot(line["mean_size"], line["mean"], ls=":", lw=2, color=colors[y], alpha=0.7, zorder=2)
+            own = line[line["line"].notna() & ~((line["line"] == smallest) & (line["share_big"] == 0))]
+            legend[f"mixtures x{{i}}-{y}{{10-i}}: mean, bar: range over seeds"] = _measured(ax, own, colors[y], "o", 10)
+        if lines:
+            legend["dotted: joins measured points only"] = mlines.Line2D([], [], ls=":", lw=2, color="0.35")
+            _share_axis(ax, pd.concat([panel[panel["line"] == lines[-1]], alone]),
+                        f"share of users at level {x}" + (f" (line {x}–{lines[-1]})" if len(lines) > 1 else ""))
+        if smallest in lines:
+            end = panel[(panel["line"] == smallest) & (panel["share_big"] == 0)]
+            for mean in end["mean"]:
+                ax.axhline(mean, ls="--", lw=1.8, color="0.55", zorder=1)
+            _measured(ax, end, "0.4", "s", 11)
+            alone_words = " (the same runs in every panel)" if len(panels) > 1 else ""
+            legend[f"{smallest} alone{alone_words}"] = mlines.Line2D([], [], ls="--", lw=1.8, color="0.55",
+                                                                     marker="s", ms=11, mfc="0.4", mec="0.4")
         if not alone.empty:
-            ax.plot(alone["mean_size"], alone["mean"], marker="*", ms=22, ls="", color="black", label=f"{x} alone",
-                    zorder=5)
-        drawn = {row["mix"][0]: row["mean_size"] for _, row in panel.iterrows() if row["share_big"] in (0, 1)}
-        shown = {level: value for level, value in (paper or {}).items() if level in drawn}
-        if shown:
-            ax.plot([drawn[level] for level in shown], list(shown.values()), marker="D", ms=11, ls="",
-                    mfc="none", mew=2.5, color="#c0392b", label=paper_label, zorder=6)
+            _measured(ax, alone, "black", "*", 22)
+            legend["x alone: every user at the panel's level x"] = mlines.Line2D([], [], marker="*", ms=22, ls="",
+                                                                                  color="black")
+        for level, value in shown[x].items():
+            if low <= value <= high:
+                ax.plot(drawn[x][level], value, marker="D", ms=11, ls="", mfc="none", mew=2.5, color=_PAPER_RED,
+                        zorder=6)
+            else:
+                _edge_note(ax, drawn[x][level], value, paper_label.split(" (")[0], _PAPER_RED, value > high)
+        if shown[x]:
+            legend[paper_label] = mlines.Line2D([], [], marker="D", ms=11, ls="", mfc="none", mew=2.5,
+                                                color=_PAPER_RED)
         if reference is not None:
-            ax.axhline(reference[0], ls="--", lw=2, color="0.45", label=reference[1])
-        if lower_is_better:
-            _log_axis(ax)
+            if low <= reference[0] <= high:
+                ax.axhline(reference[0], ls="-.", lw=2, color="0.2", zorder=1)
+            else:
+                _edge_note(ax, None, reference[0], reference[1].split(" (")[0], "0.2", reference[0] > high)
+            legend[reference[1]] = mlines.Line2D([], [], ls="-.", lw=2, color="0.2")
         ax.set_title(f"global model {x} (rate {LEVEL_RATES[x]:g})")
         ax.set_xlabel("mean parameters per client")
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (", log scale\n(lower is better)" if lower_is_better
-                                                            else "\n(higher is better)"))
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (", log scale\n(lower is better)" if log
+                                                                else "\n(higher is better)"))
         _param_axis(ax)
-        ax.legend(loc="best")
+        ax.xaxis.set_major_locator(mticker.MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))  # no 1.25M shown as 1.2M
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    order = [k for k in legend if k.startswith("x alone")] + [k for k in legend if k.startswith("mixtures")] + [
+        k for k in legend if not k.startswith(("x alone", "mixtures"))]
+    fig.legend([legend[k] for k in order], order, loc="outside lower center", ncol=cols)
     _title(fig, title, banner)
     return fig
+
+
+def _measured(ax: plt.Axes, rows: pd.DataFrame, color: Any, marker: str, size: float) -> Any:
+    """Measured points: a marker at each mean with the seeds' range as a bar, nothing joining them; the handle."""
+    return ax.errorbar(rows["mean_size"], rows["mean"], yerr=[rows["mean"] - rows["low"], rows["high"] - rows["mean"]],
+                       ls="", marker=marker, ms=size, capsize=5, elinewidth=2, color=color, zorder=5)
+
+
+def _value_limits(points: pd.DataFrame, extras: Sequence[float], log: bool) -> tuple[float, float]:
+    """The shared value axis: every point's range over the seeds plus a margin. A reference value (chance, the
+    paper's) within half the data's span of it joins it; one farther off would squash the data, so it stays off
+    the axis (written at the edge, with room left there for the note)."""
+    scale, unscale = (np.log10, lambda v: 10 ** v) if log else (float, float)
+    lo, hi = float(scale(points["low"].min())), float(scale(points["high"].max()))
+    span = hi - lo or (0.05 if log else max(0.5, abs(hi) * 0.02))  # one seed at one value still gets an axis
+    values = [float(scale(v)) for v in extras]
+    near = [v for v in values if lo - span / 2 <= v <= hi + span / 2]
+    bottom, top = min([lo, *near]), max([hi, *near])
+    room = top - bottom
+    above, below = any(v > top for v in values), any(v < bottom for v in values)
+    return unscale(bottom - room * (0.2 if below else 0.06)), unscale(top + room * (0.2 if above else 0.06))
+
+
+def _edge_note(ax: plt.Axes, x: float | None, value: float, label: str, color: Any, above: bool) -> None:
+    """A value off the axis, written at the panel's top or bottom edge with an arrow pointing to it, at ``x``
+    (data) or, for a horizontal reference, at the left."""
+    arrow = "↑" if above else "↓"
+    y, va = (0.985, "top") if above else (0.015, "bottom")
+    if x is None:
+        ax.annotate(f"{label} {value:.4g} {arrow}", (0.015, y), xycoords="axes fraction", ha="left", va=va,
+                    fontsize=14, color=color)
+        return
+    left, right = ax.get_xlim()
+    on_right = x > (left + right) / 2
+    text = f"{label} {value:.4g} {arrow}" if on_right else f"{arrow} {label} {value:.4g}"
+    ax.annotate(text, (x, y), xycoords=("data", "axes fraction"), ha="right" if on_right else "left", va=va,
+                fontsize=14, color=color, fontweight="bold")
+
+
+def _share_axis(ax: plt.Axes, line: pd.DataFrame, label: str) -> None:
+    """A top axis: the share of users at the panel's level along ``line``, whose mean size grows linearly with
+    it, ticked only at the shares measured."""
+    if line["mean_size"].nunique() < 2:
+        return
+    slope, offset = np.polyfit(line["share_big"], line["mean_size"], 1)  # mean size = offset + slope * share
+    top = ax.secondary_xaxis("top", functions=(lambda size: (size - offset) / slope,
+                                               lambda share: offset + slope * share))
+    top.xaxis.set_major_locator(mticker.FixedLocator(sorted(set(line["share_big"]))))
+    top.xaxis.set_major_formatter(mticker.PercentFormatter(1.0, decimals=0))
+    top.tick_params(labelsize=14)
+    top.set_xlabel(label, fontsize=15)
 
 
 def _log_axis(ax: plt.Axes) -> None:
@@ -310,16 +403,20 @@ def draw_entry_levels(ax: plt.Axes, owner: np.ndarray, levels: Sequence[str], ti
 
 
 def footprint(slicer: Any, name: str, rate: float, labels: Sequence[int] | None = None,
-              value: float = 1.0) -> np.ndarray:
-    """A global-shaped array: ``value`` on the entries a rate-``rate`` client adds into ``name`` during
-    aggregation (only its labels' rows in a LABELS axis), NaN elsewhere."""
+              value: float | torch.Tensor = 1.0) -> np.ndarray:
+    """A global-shaped array: ``value`` (a number, or the client's tensor of ``name``) on the entries a
+    rate-``rate`` client adds into ``name`` during aggregation (only its labels' rows in a LABELS axis),
+    NaN elsewhere."""
     from .slicing import LABELS
 
     with torch.device("meta"):
         shape = slicer.build(slicer.global_rate).state_dict()[name].shape
     out = torch.full(shape, float("nan"))
     piece = slicer.slices(rate)[name]
-    piece.region(out).fill_(value)
+    if isinstance(value, torch.Tensor):
+        piece.region(out).copy_(piece.local_view(value.float()))
+    else:
+        piece.region(out).fill_(value)
     if labels is not None and piece.rules[0] == LABELS:
         keep = torch.zeros(shape[0], dtype=torch.bool)
         keep[list(labels)] = True
@@ -379,33 +476,54 @@ def held_channels_figure(maps: dict[str, Sequence[tuple[int, Sequence[str], np.n
     return fig
 
 
-def strategy_comparison(summary: pd.DataFrame, metric: str, title: str, banner: str | None = None) -> plt.Figure:
-    """One panel per ``model_split`` (fix, dynamic): ``final_<metric>`` against the extraction
-    strategy, a dot per seed and a bar at their mean (labelled)."""
-    splits = list(dict.fromkeys(summary["model_split"]))
-    strategies = list(dict.fromkeys(summary["extraction"]))
+def seed_comparison(summary: pd.DataFrame, metric: str, by: str, title: str, banner: str | None = None, *,
+                    panel: str | None = None, labels: dict[str, str] | None = None,
+                    reference: tuple[float, str] | None = None) -> plt.Figure:
+    """``final_<metric>`` of runs grouped by the column ``by`` (x, in order of first appearance): a dot per
+    seed, a thin grey line joining one seed's runs (the same seed draws the same rounds: a paired comparison),
+    a bar at the mean with its value. ``panel``: one panel per value of that column (shared y axis);
+    ``labels``: x tick text per value of ``by``; ``reference``: (value, label) drawn dashed (chance)."""
+    panels = list(dict.fromkeys(summary[panel])) if panel else [None]
+    groups = list(dict.fromkeys(summary[by]))
     column = f"final_{metric}"
-    fig, axes = plt.subplots(1, len(splits), figsize=(7.5 * len(splits), 6.4), squeeze=False, sharey=True)
-    palette = dict(zip(strategies, sns.color_palette("colorblind", len(strategies))))
-    for ax, split in zip(axes.flat, splits):
-        panel = summary[summary["model_split"] == split]
-        for x, strategy in enumerate(strategies):
-            values = panel.loc[panel["extraction"] == strategy, column].to_numpy(dtype=float)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7.5, 2.6 * len(groups) + 2) * len(panels), 6.4),
+                             squeeze=False, sharey=True)
+    palette = dict(zip(groups, sns.color_palette("colorblind", len(groups))))
+    for ax, name in zip(axes.flat, panels):
+        runs = summary if panel is None else summary[summary[panel] == name]
+        for _, seed_runs in runs.groupby("seed"):
+            xs = [groups.index(g) for g in seed_runs[by]]
+            ax.plot(xs, seed_runs[column].to_numpy(dtype=float), color="0.6", lw=1.2, zorder=1)
+        for x, group in enumerate(groups):
+            values = runs.loc[runs[by] == group, column].to_numpy(dtype=float)
             if not len(values):
                 continue
-            spread = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
-            ax.plot(x + spread, values, "o", ms=10, color=palette[strategy], alpha=0.8)
+            ax.plot([x] * len(values), values, "o", ms=11, color=palette[group], alpha=0.9, zorder=3)
             mean = values.mean()
-            ax.hlines(mean, x - 0.25, x + 0.25, color="black", lw=3)
-            ax.annotate(f"{mean:.2f}", (x, mean), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=15)
-        ax.set_xticks(range(len(strategies)), strategies)
-        ax.set_xlim(-0.6, len(strategies) - 0.4)
-        ax.set_title(f"{split} levels")
-        ax.set_xlabel("extraction")
+            ax.hlines(mean, x - 0.25, x + 0.25, color="black", lw=3, zorder=2)
+            ax.annotate(f"{mean:.2f}", (x + 0.27, mean), textcoords="offset points", xytext=(2, -6), fontsize=15)
+        if reference is not None:
+            ax.axhline(reference[0], ls="--", lw=2, color="0.45")
+            ax.annotate(reference[1], (-0.55, reference[0]), textcoords="offset points", xytext=(0, 5),
+                        fontsize=14, color="0.35")
+        ax.set_xticks(range(len(groups)), [textwrap.fill((labels or {}).get(g, g), 16) for g in groups])
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        if name is not None:
+            ax.set_title(f"{name}")
     lower_is_better = metric.endswith("perplexity")
     axes.flat[0].set_ylabel(METRIC_LABELS.get(metric, metric) + ("\n(lower is better)" if lower_is_better
                                                                   else "\n(higher is better)"))
     _title(fig, title, banner)
+    return fig
+
+
+def strategy_comparison(summary: pd.DataFrame, metric: str, title: str, banner: str | None = None) -> plt.Figure:
+    """One panel per ``model_split`` (fix, dynamic levels): ``final_<metric>`` against the extraction strategy
+    (:func:`seed_comparison`)."""
+    fig = seed_comparison(summary.assign(model_split=summary["model_split"] + " levels"), metric, "extraction",
+                          title, banner, panel="model_split")
+    for ax in fig.axes:
+        ax.set_xlabel("extraction")
     return fig
 
 

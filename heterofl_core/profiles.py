@@ -13,10 +13,11 @@ settings; a name the notebook does not have is refused.
 
 Training notebooks share the names of :class:`~heterofl_core.experiments.Scale`
 (rounds, local_epochs, num_users, frac, eval_every, sbn_samples, train_samples,
-test_samples); ``None`` keeps the paper's value. The interpolation notebooks (04-06)
+test_samples); ``None`` keeps the paper's value. The interpolation notebooks (06-08)
 add the grid: ``global_levels`` (panels), ``other_levels`` (the lines' small levels;
-None: every smaller one), ``points`` (i of x{i}-y{10-i}) and ``seeds`` (each point is
-the mean and range over them).
+None: every smaller one), ``points`` (i of x{i}-y{10-i}), optionally ``panel_points``
+(a panel's own i, e.g. ``{"a": [1, 3, 5, 7, 9]}``) and ``seeds`` (each point is the mean
+and range over them).
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ NOTEBOOKS = (
     "01_width_slicing",
     "02_aggregation",
     "03_one_round_by_hand",
-    "04_mnist_cnn",
-    "05_cifar10_resnet18",
-    "06_wikitext2_transformer",
-    "07_ablations",
-    "08_paper_figures",
-    "09_flower",
-    "10_beyond_static_slicing",
+    "04_scaler_sbn_masking",
+    "05_fedavg_baselines",
+    "06_mnist_cnn",
+    "07_cifar10_resnet18",
+    "08_wikitext2_transformer",
+    "09_ablations",
+    "10_paper_figures",
+    "11_flower",
+    "12_beyond_static_slicing",
 )
 ALL_LEVELS = ["a", "b", "c", "d"]  # the interpolation figure's four panels: global model a, b, c, d
 ALL_POINTS = list(range(1, 10))  # x{i}-y{10-i}, i = 1..9
@@ -57,19 +60,25 @@ _WORKSHOP_CIFAR10 = dict(rounds=3, local_epochs=1, num_users=10, frac=0.5, eval_
                          train_samples=2000, test_samples=1000)
 _WORKSHOP_TEXT = dict(rounds=2, local_epochs=1, num_users=10, frac=0.5, eval_every=2, sbn_samples=0,
                       train_samples=16000, test_samples=2560)  # text steps cost the same at every width
-# The ablation at workshop scale: MNIST only (8 runs of mixture c-e); enough for sBN's effect (notebook 07).
+# The ablation at workshop scale: MNIST only (8 runs of mixture c-e); enough for sBN's effect (notebook 09).
 _WORKSHOP_ABLATION_MNIST = dict(rounds=4, local_epochs=1, num_users=10, frac=0.5, eval_every=4, sbn_samples=2000,
                                 train_samples=4000, test_samples=2000)
-# quick, small: 3,000 images for six rounds; the one-round notebook (03) and the MNIST ablation (07).
+# quick, small: 3,000 images for six rounds; the one-round notebook (03) and the MNIST ablation (09).
 _QUICK_SMALL_MNIST = dict(rounds=6, local_epochs=1, num_users=10, frac=0.5, eval_every=6, sbn_samples=1000,
                           train_samples=3000, test_samples=1000)
-# quick, interpolation (04): the paper's 100 users, 10 per round, on the whole training and test sets; 8 of 200
+# quick, interpolation (06): the paper's 100 users, 10 per round, on the whole training and test sets; 8 of 200
 # rounds and 1 of 5 local epochs (the CPU budget). Enough for the levels to order the accuracy beyond the spread
 # of 3 seeds (measured: see README).
 _QUICK_MNIST = dict(rounds=8, local_epochs=1, num_users=100, frac=0.1, eval_every=8, sbn_samples=6000,
                     train_samples=None, test_samples=None)
 _QUICK_CIFAR10 = dict(rounds=6, local_epochs=1, num_users=10, frac=0.5, eval_every=6, sbn_samples=1000,
                       train_samples=5000, test_samples=2000)
+# 05: HeteroFL a1-e9 against FedAvg on the same users and rounds (the paper's 100 users, 10 a round: one in ten
+# can hold the full model, so FedAvg at full width trains about one client a round).
+_WORKSHOP_BASELINE_MNIST = dict(rounds=8, local_epochs=1, num_users=100, frac=0.1, eval_every=8, sbn_samples=2000,
+                                train_samples=12000, test_samples=2000)
+_QUICK_BASELINE_MNIST = dict(rounds=12, local_epochs=1, num_users=100, frac=0.1, eval_every=12, sbn_samples=3000,
+                             train_samples=30000, test_samples=5000)
 _ONE_ROUND = dict(rounds=1, eval_every=1, split="non-iid-2")  # 03: one round, two classes per user (masking at work)
 _QUICK_TEXT = dict(rounds=4, local_epochs=1, num_users=10, frac=0.5, eval_every=4, sbn_samples=0,
                    train_samples=16000, test_samples=5120)
@@ -83,7 +92,7 @@ _FLOWER_PAPER = dict(_PAPER, rounds=2, supernodes=10, mode="a1-e1")  # the paper
 
 # 10: static, rolling and random extraction under a1-e9 (one user in ten at full width), fix and dynamic levels.
 # Rolling's window moves one channel a round, so it departs from static only over many rounds (the CNN's
-# layers are 64 to 512 channels wide): quick runs 12 rounds of the small MNIST scale (6 for notebooks 03 and 07).
+# layers are 64 to 512 channels wide): quick runs 12 rounds of the small MNIST scale (6 for notebooks 03 and 09).
 _EXTRACTION = dict(mode="a1-e9", model_splits=["fix", "dynamic"], show_rounds=4, cifar10=None, cifar10_seeds=[0])
 _EXTRACTION_QUICK_MNIST = dict(_QUICK_SMALL_MNIST, rounds=12, eval_every=12)
 
@@ -93,16 +102,18 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "01_width_slicing": dict(explore_model="conv"),
         "02_aggregation": dict(toy_width=8),
         "03_one_round_by_hand": {**_SMOKE_MNIST, **_ONE_ROUND, "mode": "c1-e1"},
-        "04_mnist_cnn": dict(**_SMOKE_MNIST, global_levels=["c", "d"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
+        "04_scaler_sbn_masking": {**_SMOKE_MNIST, **_ONE_ROUND, "mode": "a1-e1"},
+        "05_fedavg_baselines": dict(**_SMOKE_MNIST, mode="a1-e9", seeds=[0]),
+        "06_mnist_cnn": dict(**_SMOKE_MNIST, global_levels=["c", "d"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
                              featured_mode="c5-e5"),
-        "05_cifar10_resnet18": dict(**_SMOKE_CIFAR10, global_levels=["d"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
+        "07_cifar10_resnet18": dict(**_SMOKE_CIFAR10, global_levels=["d"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
                                     featured_mode="d5-e5"),
-        "06_wikitext2_transformer": dict(**_SMOKE_TEXT, global_levels=["d"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
+        "08_wikitext2_transformer": dict(**_SMOKE_TEXT, global_levels=["d"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
                                          featured_mode="d5-e5"),
-        "07_ablations": dict(mnist=_SMOKE_MNIST, cifar10=_SMOKE_CIFAR10, mode="d1-e1", seed=0),
-        "08_paper_figures": dict(cifar10=_SMOKE_CIFAR10, table_models=["a", "a-e", "e"], seed=0),
-        "09_flower": _FLOWER_SMOKE,
-        "10_beyond_static_slicing": dict(_EXTRACTION, mnist=_SMOKE_MNIST, seeds=[0], show_rounds=3),
+        "09_ablations": dict(mnist=_SMOKE_MNIST, cifar10=_SMOKE_CIFAR10, mode="d1-e1", seed=0),
+        "10_paper_figures": dict(cifar10=_SMOKE_CIFAR10, table_models=["a", "a-e", "e"], seed=0),
+        "11_flower": _FLOWER_SMOKE,
+        "12_beyond_static_slicing": dict(_EXTRACTION, mnist=_SMOKE_MNIST, seeds=[0], show_rounds=3),
     },
     # A room of laptops: each notebook at most 4 minutes on 2 cores. MNIST on a tenth of its training set
     # for a few rounds is enough to see the widths order the accuracy; CIFAR10 and text show the recipe runs.
@@ -112,35 +123,42 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "02_aggregation": dict(toy_width=8),
         "03_one_round_by_hand": {**_WORKSHOP_MNIST, **_ONE_ROUND, "sbn_samples": 1000, "test_samples": 1000,
                                  "mode": "a1-e1"},  # the round runs twice (by hand, then run_experiment)
-        "04_mnist_cnn": dict(**_WORKSHOP_MNIST, global_levels=["c"], other_levels=["e"], seeds=[0], points=[1, 5], curve_eval_every=1,
+        "04_scaler_sbn_masking": {**_WORKSHOP_MNIST, **_ONE_ROUND, "sbn_samples": 1000, "test_samples": 1000,
+                                  "mode": "a1-e1"},
+        "05_fedavg_baselines": dict(**_WORKSHOP_BASELINE_MNIST, mode="a1-e9", seeds=[0, 1]),
+        "06_mnist_cnn": dict(**_WORKSHOP_MNIST, global_levels=["c"], other_levels=["e"], seeds=[0], points=[1, 5], curve_eval_every=1,
                              featured_mode="c5-e5"),  # c alone beats c1-e9, in about a minute of training
-        "05_cifar10_resnet18": dict(**_WORKSHOP_CIFAR10, global_levels=["c"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
+        "07_cifar10_resnet18": dict(**_WORKSHOP_CIFAR10, global_levels=["c"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
                                     featured_mode="c5-e5"),
-        "06_wikitext2_transformer": dict(**_WORKSHOP_TEXT, global_levels=["c"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
+        "08_wikitext2_transformer": dict(**_WORKSHOP_TEXT, global_levels=["c"], other_levels=["e"], seeds=[0], points=[5], curve_eval_every=1,
                                          featured_mode="c5-e5"),
-        "07_ablations": dict(mnist=_WORKSHOP_ABLATION_MNIST, cifar10=None, mode="c1-e1", seed=0),  # CIFAR10: too slow
-        "08_paper_figures": dict(cifar10=_WORKSHOP_CIFAR10, table_models=["c", "d", "e"], seed=0),  # a: too slow
-        "09_flower": _FLOWER_WORKSHOP,
-        "10_beyond_static_slicing": dict(_EXTRACTION, mnist=_WORKSHOP_MNIST, seeds=[0]),
+        "09_ablations": dict(mnist=_WORKSHOP_ABLATION_MNIST, cifar10=None, mode="c1-e1", seed=0),  # CIFAR10: too slow
+        "10_paper_figures": dict(cifar10=_WORKSHOP_CIFAR10, table_models=["c", "d", "e"], seed=0),  # a: too slow
+        "11_flower": _FLOWER_WORKSHOP,
+        "12_beyond_static_slicing": dict(_EXTRACTION, mnist=_WORKSHOP_MNIST, seeds=[0]),
     },
     # The figures on a 2-core CPU, the whole suite in under 90 minutes (measured: see README). MNIST shows the
-    # paper's result (04: the paper's users, whole data, 8 rounds, 3 seeds, every panel, lines to e only, i = 5);
+    # paper's result (06: the paper's users, whole data, 8 rounds, 3 seeds, every panel, lines to e only, i = 5,
+    # and i = 1, 3, 5, 7, 9 on panel a's line);
     # CIFAR10 and text get what the budget allows (narrow panels c and d), and their figures say when no trend shows.
     "quick": {
         "00_setup_and_data": dict(show_samples=16),
         "01_width_slicing": dict(explore_model="resnet18"),
         "02_aggregation": dict(toy_width=8),
         "03_one_round_by_hand": {**_QUICK_SMALL_MNIST, **_ONE_ROUND, "mode": "a1-e1"},
-        "04_mnist_cnn": dict(**_QUICK_MNIST, global_levels=ALL_LEVELS, other_levels=["e"], points=[5],
+        "04_scaler_sbn_masking": {**_QUICK_SMALL_MNIST, **_ONE_ROUND, "mode": "a1-e1"},
+        "05_fedavg_baselines": dict(**_QUICK_BASELINE_MNIST, mode="a1-e9", seeds=SEEDS),
+        "06_mnist_cnn": dict(**_QUICK_MNIST, global_levels=ALL_LEVELS, other_levels=["e"], points=[5],
+                             panel_points={"a": [1, 3, 5, 7, 9]},  # a-e: 5 of the paper's 9 (+4 modes, ~11 min)
                              seeds=SEEDS, curve_eval_every=2, featured_mode="a5-e5"),
-        "05_cifar10_resnet18": dict(**_QUICK_CIFAR10, global_levels=["c", "d"], other_levels=["e"], points=[5],
+        "07_cifar10_resnet18": dict(**_QUICK_CIFAR10, global_levels=["c", "d"], other_levels=["e"], points=[5],
                                     seeds=SEEDS, curve_eval_every=2, featured_mode="c5-e5"),
-        "06_wikitext2_transformer": dict(**_QUICK_TEXT, global_levels=["c", "d"], other_levels=["e"], points=[5],
+        "08_wikitext2_transformer": dict(**_QUICK_TEXT, global_levels=["c", "d"], other_levels=["e"], points=[5],
                                          seeds=SEEDS, curve_eval_every=2, featured_mode="c5-e5"),
-        "07_ablations": dict(mnist=_QUICK_SMALL_MNIST, cifar10=None, mode="a1-e1", seed=0),  # CIFAR10: ~25 min
-        "08_paper_figures": dict(cifar10=_QUICK_CIFAR10, table_models=QUICK_TABLE_MODELS, seed=0),
-        "09_flower": _FLOWER_WORKSHOP,
-        "10_beyond_static_slicing": dict(_EXTRACTION, mnist=_EXTRACTION_QUICK_MNIST, seeds=SEEDS),
+        "09_ablations": dict(mnist=_QUICK_SMALL_MNIST, cifar10=None, mode="a1-e1", seed=0),  # CIFAR10: ~25 min
+        "10_paper_figures": dict(cifar10=_QUICK_CIFAR10, table_models=QUICK_TABLE_MODELS, seed=0),
+        "11_flower": _FLOWER_WORKSHOP,
+        "12_beyond_static_slicing": dict(_EXTRACTION, mnist=_EXTRACTION_QUICK_MNIST, seeds=SEEDS),
     },
     # The paper's settings (spec section 7): 100 users, 10 active, the paper's rounds, local epochs and
     # lr milestones, whole datasets, sBN over the whole training set, evaluation every round, i = 1..9.
@@ -149,16 +167,18 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "01_width_slicing": dict(explore_model="resnet18"),
         "02_aggregation": dict(toy_width=8),
         "03_one_round_by_hand": {**_PAPER, **_ONE_ROUND, "mode": "a1-e1"},
-        "04_mnist_cnn": dict(**_PAPER, global_levels=ALL_LEVELS, other_levels=None, points=ALL_POINTS, seeds=SEEDS,
-                             curve_eval_every=1, featured_mode="a5-e5"),
-        "05_cifar10_resnet18": dict(**_PAPER, global_levels=ALL_LEVELS, other_levels=None, points=ALL_POINTS,
+        "04_scaler_sbn_masking": {**_PAPER, **_ONE_ROUND, "mode": "a1-e1"},
+        "05_fedavg_baselines": dict(**_PAPER, mode="a1-e9", seeds=SEEDS),
+        "06_mnist_cnn": dict(**_PAPER, global_levels=ALL_LEVELS, other_levels=None, points=ALL_POINTS, seeds=SEEDS,
+                             panel_points={}, curve_eval_every=1, featured_mode="a5-e5"),  # every panel: i = 1..9
+        "07_cifar10_resnet18": dict(**_PAPER, global_levels=ALL_LEVELS, other_levels=None, points=ALL_POINTS,
                                     seeds=SEEDS, curve_eval_every=1, featured_mode="a5-e5"),
-        "06_wikitext2_transformer": dict(**_PAPER, global_levels=ALL_LEVELS, other_levels=None, points=ALL_POINTS,
+        "08_wikitext2_transformer": dict(**_PAPER, global_levels=ALL_LEVELS, other_levels=None, points=ALL_POINTS,
                                          seeds=SEEDS, curve_eval_every=1, featured_mode="a5-e5"),
-        "07_ablations": dict(mnist=_PAPER, cifar10=_PAPER, mode="a1-e1", seed=0),
-        "08_paper_figures": dict(cifar10=_PAPER, table_models=TABLE_MODELS, seed=0),
-        "09_flower": _FLOWER_PAPER,
-        "10_beyond_static_slicing": dict(_EXTRACTION, mnist=_PAPER, seeds=SEEDS, cifar10=_PAPER),  # CIFAR10: 1 seed
+        "09_ablations": dict(mnist=_PAPER, cifar10=_PAPER, mode="a1-e1", seed=0),
+        "10_paper_figures": dict(cifar10=_PAPER, table_models=TABLE_MODELS, seed=0),
+        "11_flower": _FLOWER_PAPER,
+        "12_beyond_static_slicing": dict(_EXTRACTION, mnist=_PAPER, seeds=SEEDS, cifar10=_PAPER),  # CIFAR10: 1 seed
     },
 }
 

@@ -49,7 +49,7 @@ def select(only: Sequence[str] | None) -> list[str]:
                 or (not token.isdigit() and token.lower() in nb.lower())]
         if not hits:
             raise ValueError(f"unknown notebook {token!r}; valid: {', '.join(NOTEBOOKS)} "
-                             f"(or their numbers 00-08, or a word such as mnist)")
+                             f"(or their numbers 00-12, or a word such as mnist)")
         wanted.update(hits)
     return [nb for nb in NOTEBOOKS if nb in wanted]
 
@@ -80,7 +80,7 @@ def execute(notebook: str, parameters: dict[str, Any], out_dir: Path, log_output
     target = out_dir / "notebooks" / f"{notebook}.ipynb"
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        papermill.execute_notebook(str(source), str(target), parameters=parameters, kernel_name=KERNEL,
+        papermill.execute_notebook(with_solutions_run(source), str(target), parameters=parameters, kernel_name=KERNEL,
                                    cwd=str(repo_root()), progress_bar=False, log_output=log_output,
                                    request_save_on_cell_execute=True)
     except PapermillExecutionError as error:
@@ -89,6 +89,29 @@ def execute(notebook: str, parameters: dict[str, Any], out_dir: Path, log_output
                              f"{first.strip()[:80]!r}): {error.ename}: {error.evalue}\n"
                              f"the executed copy with the traceback: {target}") from None
     return target
+
+
+def with_solutions_run(path: Path) -> Any:
+    """The notebook at ``path`` with a cell after each solution (a Markdown cell tagged ``solution``, which a
+    learner's Run All never executes) that runs it as :func:`heterofl_core.exercises.run_solution` does: in a
+    copy of the notebook's namespace, every check strict. So the reproduction tests every solution."""
+    import nbformat
+
+    from .exercises import solution_code
+
+    nb = nbformat.read(path, as_version=4)
+    cells = []
+    for cell in nb.cells:
+        cells.append(cell)
+        if cell.cell_type == "markdown" and "solution" in cell.metadata.get("tags", []):
+            title, code = solution_code(cell.source)
+            run = nbformat.v4.new_code_cell(
+                f"# heterofl reproduce: the solution above, run in a copy of the namespace, its checks strict\n"
+                f"from heterofl_core.exercises import run_solution\n"
+                f"run_solution({title!r}, {code!r}, globals())", metadata={"tags": ["solution-run"]})
+            cells.append(run)
+    nb.cells = cells
+    return nb
 
 
 def figures_folder(profile: str, out: str | os.PathLike | None = None,
@@ -189,7 +212,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     """Register ``heterofl reproduce`` on the CLI's subparsers."""
     parser = subparsers.add_parser(
         "reproduce", help="execute the notebooks with papermill and write the paper's figures",
-        description="Executes notebooks/00-08 at a profile's scale (papermill), keeps the executed copies in "
+        description="Executes the notebooks (notebooks/00-12) at a profile's scale (papermill), keeps the executed copies in "
                     "<out>/notebooks, runs every experiment into <out>/runs (finished runs are read back and "
                     "skipped, interrupted ones continue), and writes the figures (PNG, PDF and a JSON record each) "
                     "to the figures folder. Profiles: smoke (every notebook in minutes, for CI), workshop (each "
@@ -199,7 +222,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
                         help="smoke (CI), workshop (each notebook <= 4 min on a laptop), quick (the figures) "
                              "or paper (the paper's settings)")
     parser.add_argument("--only", action="append", metavar="NAMES",
-                        help="comma-separated notebooks to run: numbers (03), names (03_mnist_cnn) or words (mnist); "
+                        help="comma-separated notebooks to run: numbers (03), names (06_mnist_cnn) or words (mnist); "
                              "repeatable (default: all, in order)")
     parser.add_argument("--out", metavar="DIR",
                         help="folder for runs/ and the executed notebooks/ (default ./reproduction); with --out, "

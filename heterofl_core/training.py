@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -32,6 +33,14 @@ class TrainStats:
 
     def add(self, other: TrainStats) -> TrainStats:
         return TrainStats(self.loss_sum + other.loss_sum, self.correct + other.correct, self.count + other.count)
+
+    def metrics(self) -> dict[str, float]:
+        """``train_loss`` and ``train_accuracy`` (%): means over the samples trained on; NaN when there
+        were none (every sampled client sat the round out), not a made-up 0."""
+        if self.count == 0:
+            return {"train_loss": math.nan, "train_accuracy": math.nan}
+        return {"train_loss": (self.loss_sum / self.count).item(),
+                "train_accuracy": (self.correct / self.count * 100).item()}
 
 
 def scheduled_lr(cfg: ExperimentConfig, round_: int) -> float:

@@ -5,8 +5,8 @@ of a round with the library's code, so a round through Flower is the in-process 
 
 - :meth:`configure_train`: the round's plan from the run's seed (``Federation.plan_round``
   with the round's generator, not Flower's unseeded sampling); the sub-model of each rate
-  (``Slicer.split``), packed once per rate; one message per sampled client, to the node
-  hosting that user.
+  (``Slicer.split``), packed once per rate; one message per client the plan trains (under
+  ``participants=widest`` the others sit out and get none), to the node hosting that user.
 - :meth:`aggregate_train`: the library's count rule (``aggregation.aggregate``) over the
   clients that replied, in the plan's order; a client that did not reply simply does not
   count (the rule's untouched entries keep their value).
@@ -94,9 +94,8 @@ class HeteroFLStrategy(Strategy):
                                [federation.labels[plan.users[i]] for i in kept])
         self.record = to_record(self.state)
         stats = self._train_stats([by_user[plan.users[i]] for i in kept], [plan.rates[i] for i in kept])
-        metrics = MetricRecord({"train_loss": (stats.loss_sum / max(stats.count, 1)).item(),
-                                "train_accuracy": (stats.correct / max(stats.count, 1) * 100).item(),
-                                "lr": plan.lr, "train_replies": len(kept)})
+        metrics = MetricRecord({**stats.metrics(), "lr": plan.lr, "clients_trained": len(kept),
+                                "train_replies": len(kept)})
         return self.record, metrics
 
     def _train_stats(self, replies: list[Message], rates: list[float]) -> TrainStats:

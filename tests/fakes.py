@@ -3,7 +3,8 @@
 - MNIST: the four uncompressed IDX files under ``root/MNIST/raw`` (what ``load_dataset("MNIST", root)`` reads);
 - text: a corpus folder ``root/<name>/{train,valid,test}.tokens`` (what ``load_dataset(name, root)`` reads);
   the same lines as Hugging Face parquet files (``write_parquet_corpus``) or as the original
-  ``wikitext-2-v1.zip`` (``write_wikitext_zip``), the layouts ``heterofl data fetch`` produces.
+  ``wikitext-2-v1.zip`` (``write_wikitext_zip``), the layouts ``heterofl data fetch`` produces;
+- module-scoped fixtures of a tiny MNIST: ``mnist_data_root`` and ``tiny_mnist`` (import them by name).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 # A corpus with a title line, blank line, repeated spaces and an <unk> token (see test_data.py).
 TRAIN = "\n = Title = \n\nthe cat sat\n  the dog  sat on <unk> \n"
@@ -51,6 +53,21 @@ def write_tiny_mnist(root: Path, n_train: int = 200, n_test: int = 50, seed: int
     for name, array in arrays.items():
         write_idx(raw / name, array)
     return arrays
+
+
+@pytest.fixture(scope="module")
+def mnist_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test module's data root holding a tiny MNIST (200 train / 50 test): ``from fakes import mnist_data_root``."""
+    root = tmp_path_factory.mktemp("data")
+    write_tiny_mnist(root, n_train=200, n_test=50)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_mnist(mnist_data_root: Path):  # -> ImageData
+    """That tiny MNIST, loaded: ``from fakes import mnist_data_root, tiny_mnist``."""
+    from heterofl_core.data import load_dataset
+    return load_dataset("MNIST", mnist_data_root, download=False)
 
 
 def tiny_text(n_tokens: int, seed: int, vocab: int = 30, line: int = 12) -> str:

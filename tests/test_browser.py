@@ -526,7 +526,7 @@ def _live_notebook(folder: Path) -> str:
 
 
 def test_live_curves_redraw_every_round_in_jupyterlab(lab: Lab, browser: Any, shots: Path) -> None:
-    """LiveCurves in a scratch notebook (the widget of notebook 04's "watch one run", without the training):
+    """LiveCurves in a scratch notebook (the widget of notebook 06's "watch one run", without the training):
     three rounds from a cell, then two from a button's callback; after each, the figure of that round."""
     notebook = _live_notebook(lab.root)
     page = _open(browser, lab, notebook)

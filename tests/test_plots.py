@@ -8,6 +8,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.collections
 import matplotlib.text
 
 matplotlib.use("Agg")
@@ -15,8 +16,10 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from heterofl_core import plots  # noqa: E402
+from heterofl_core import plots, profiles  # noqa: E402
+from heterofl_core.data import resolve_data_root  # noqa: E402
 from heterofl_core.config import LEVEL_RATES  # noqa: E402
 from heterofl_core import experiments as ex  # noqa: E402
 from heterofl_core.experiments import (  # noqa: E402
@@ -59,14 +62,87 @@ def test_interpolation_figure_has_one_panel_per_global_level_and_one_line_per_sm
                                      paper={"a": 99.5, "e": 77.0}, reference=(10.0, "chance"))
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in axes] == ["global model a (rate 1)", "global model b (rate 0.5)"]
-    labels = axes[0].get_legend_handles_labels()[1]
-    assert labels == ["a alone", "paper", "chance", "a–b: mean, range", "a–c: mean, range", "a–d: mean, range",
-                      "a–e: mean, range"], labels
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    lines = [f"mixtures x{{i}}-{y}{{10-i}}: mean, bar: range over seeds" for y in "bcde"]
+    assert labels == ["x alone: every user at the panel's level x", *lines, "dotted: joins measured points only",
+                      "e alone (the same runs in every panel)", "paper", "chance"], labels
     first = axes[0].containers[0].lines[0]
-    assert list(first.get_ydata()) == [84.0, 85.0, 85.0, 85.0, 85.0], "b alone, a1-b9, a5-b5, a9-b1, a alone"
-    shares = [t.get_text() for t in axes[0].texts][:5]
-    assert shares == ["0% (b alone)", "10%", "50%", "90%", "100%"], "each point labelled with the share of big clients"
+    assert list(first.get_ydata()) == [84.0, 85.0, 85.0, 85.0], "b alone, a1-b9, a5-b5, a9-b1: markers of line a-b"
+    assert first.get_linestyle() == "None", "measured points are markers, not a line"
     assert "quick: 3 seeds" in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_interpolation_figure_draws_only_what_was_measured() -> None:
+    """Markers with their seed range; a dotted connector through exactly the measured points; no band."""
+    points = toy_points()
+    fig = plots.interpolation_figure(points, "global_accuracy", "toy")
+    ax = fig.axes[0]
+    assert not [c for c in ax.collections if isinstance(c, matplotlib.collections.PolyCollection)], "no band"
+    dotted = [line for line in ax.lines if line.get_linestyle() == ":"]
+    panel = points[points["panel"] == "a"]
+    for y, connector in zip("bcde", dotted):
+        line = pd.concat([panel[panel["line"] == y], panel[panel["line"].isna()]]).sort_values("mean_size")
+        assert list(connector.get_xdata()) == list(line["mean_size"]), f"a-{y} joins its measured points only"
+    assert len(dotted) == 4
+    solid = [line for line in ax.lines if line.get_linestyle() == "-" and len(line.get_xdata()) > 1
+             and line.get_xdata()[0] != line.get_xdata()[-1]]
+    assert not solid, "no solid line joins measured points"
+    plt.close(fig)
+
+
+def test_smallest_level_alone_is_one_shared_reference_in_every_panel() -> None:
+    points = toy_points()
+    e_alone = points[points["mix"] == "e1"].iloc[0]
+    fig = plots.interpolation_figure(points, "global_accuracy", "toy")
+    for ax in [ax for ax in fig.axes if ax.get_visible()]:
+        squares = [c.lines[0] for c in ax.containers if c.lines[0].get_marker() == "s"]
+        assert [(list(s.get_xdata()), list(s.get_ydata())) for s in squares] == [([e_alone["mean_size"]],
+                                                                                   [e_alone["mean"]])]
+        dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+        assert [list(line.get_ydata()) for line in dashed] == [[e_alone["mean"]] * 2], "across the panel"
+        circles = {x for c in ax.containers if c.lines[0].get_marker() == "o" for x in c.lines[0].get_xdata()}
+        assert e_alone["mean_size"] not in circles, "e alone is not drawn as the start of a panel's own line"
+    others = points[(points["panel"] == "a") & (points["share_big"] == 0) & (points["line"] != "e")]
+    circles = {x for c in fig.axes[0].containers if c.lines[0].get_marker() == "o" for x in c.lines[0].get_xdata()}
+    assert set(others["mean_size"]) <= circles, "b, c, d alone stay markers of their lines"
+    plt.close(fig)
+
+
+def test_panels_share_one_value_axis_and_far_references_do_not_stretch_it() -> None:
+    points = toy_points()  # 80..86 over the seeds
+    fig = plots.interpolation_figure(points, "global_accuracy", "toy", paper={"a": 99.5, "b": 87.5},
+                                     reference=(10.0, "chance"))
+    a, b = fig.axes[0], fig.axes[1]
+    assert a.get_ylim() == b.get_ylim() and a.get_shared_y_axes().joined(a, b)
+    low, high = a.get_ylim()
+    assert 75 < low < points["low"].min() and points["high"].max() < high < 95, (low, high)
+    notes = [t.get_text() for t in a.texts]
+    assert "paper 99.5 ↑" in notes and "chance 10 ↓" in notes, notes
+    diamonds = [line for line in b.lines if line.get_marker() == "D"]
+    assert [list(d.get_ydata()) for d in diamonds] == [[87.5]], "a paper value near the data is a diamond"
+    plt.close(fig)
+    near = plots.interpolation_figure(points, "global_accuracy", "toy", paper={"a": 88.0})
+    assert near.axes[0].get_ylim()[1] > 88.0 and not near.axes[0].texts, "a value near the data joins the axis"
+    plt.close(near)
+
+
+def test_perplexity_keeps_its_log_axis_with_a_shared_range() -> None:
+    toy = toy_points()
+    points = toy.assign(mean=1000 - 10 * toy["mean"], low=1000 - 10 * toy["high"], high=1000 - 10 * toy["low"])
+    fig = plots.interpolation_figure(points, "global_perplexity", "toy", reference=(220.0, "unigram"))
+    assert fig.axes[0].get_yscale() == "log" and fig.axes[0].get_ylim() == fig.axes[1].get_ylim()
+    assert [line.get_ydata()[0] for line in fig.axes[0].lines if line.get_linestyle() == "-."] == [220.0]
+    plt.close(fig)
+
+
+def test_shares_are_ticked_on_a_top_axis_where_measured() -> None:
+    fig = plots.interpolation_figure(toy_points(), "global_accuracy", "toy")
+    top = fig.axes[0].child_axes[0]
+    fig.canvas.draw()
+    assert [t.get_text() for t in top.get_xticklabels()] == ["0%", "10%", "50%", "90%", "100%"]
+    assert top.get_xlabel() == "share of users at level a (line a–e)"
+    plt.close(fig)
 
 
 def test_figures_keep_every_text_at_least_14_points() -> None:
@@ -125,6 +201,16 @@ def test_footprint_keeps_only_a_clients_label_rows() -> None:
     assert held.sum() == 2 * 4 and held[2:4, :4].all() and (mark[held] == 7).all()
 
 
+def test_footprint_places_a_clients_own_tensor_where_it_sits() -> None:
+    slicer = Slicer(partial(build_model, "transformer", vocab_size=20), 1.0)
+    name = "layers.0.attention.q.weight"  # per-head prefixes: 8 heads of 32 rows
+    client = torch.randn(slicer.slices(0.25)[name].local_shape)
+    mark = plots.footprint(slicer, name, 0.25, value=client)
+    held = slicer.holdings(0.25)[name].index
+    assert np.array_equal(mark[np.ix_(held[0].numpy(), held[1].numpy())], client.numpy())
+    assert np.isnan(mark).sum() == mark.size - client.numel()
+
+
 def test_mixture_view_draws_entries_and_sizes() -> None:
     fig, table = plots.mixture_view("conv", {"a": 2, "d": 8}, "features.5.weight")
     assert table["model"].tolist() == ["a", "d", "a2-d8"] and float(table["ratio"].iloc[-1]) < 0.3
@@ -149,3 +235,43 @@ def test_interpolation_grid_matches_the_spec() -> None:
     assert len({e.key for e in grid}) == len(grid), "one run folder per experiment"
     params = [e.labels["params"] for e in grid if e.labels["other_level"] in (None, "e")]
     assert params[0] > params[1], "a alone carries more parameters than a5-e5"
+
+
+def test_a_panel_can_run_its_own_points() -> None:
+    modes = interpolation_modes("ab", [5], ["e"], small_ends=True, panel_points={"a": [1, 3, 5, 7, 9]})
+    assert [m["mode"] for m in modes] == ["a1", "e1", "a1-e9", "a3-e7", "a5-e5", "a7-e3", "a9-e1", "b1", "e1", "b5-e5"]
+    assert interpolation_modes("b", [5], panel_points={"a": [1]}) == interpolation_modes("b", [5]), "a is not drawn"
+    with pytest.raises(ValueError, match="panel_points"):
+        interpolation_modes("a", [5], panel_points={"e": [1]})
+    with pytest.raises(ValueError, match="1..9"):
+        interpolation_modes("a", [5], panel_points={"a": [10]})
+    grid = interpolation_experiments(DataSpec("MNIST", "/nowhere", 100, 10), Scale(rounds=2, num_users=10, frac=0.5),
+                                     ["a", "b"], [5], other_levels=["e"], small_ends=True,
+                                     panel_points={"a": [1, 9]})
+    assert [e.name for e in grid] == ["a1", "e1", "a1-e9", "a9-e1", "b1", "b5-e5"]
+
+
+def test_quick_mnist_measures_five_of_the_papers_mixtures_on_one_line() -> None:
+    """Acceptance: at quick, notebook 06 runs at least one panel at i = 1, 3, 5, 7, 9 (the paper: 1..9); the
+    other panels keep i = 5, so the profile adds 4 mixtures (x 3 seeds) and no more."""
+    settings = profiles.settings("quick", "06_mnist_cnn")
+    layout = interpolation_modes(settings.global_levels, settings.points, settings.get("other_levels"),
+                                 small_ends=True, panel_points=settings.get("panel_points"))
+    inner = {x: {row["i"] / 10 for row in layout if row["global_level"] == x and 0 < row["i"] / 10 < 1}
+             for x in settings.global_levels}
+    assert max(len(shares) for shares in inner.values()) >= 5, inner
+    assert sorted(len(shares) for shares in inner.values()) == [1, 1, 1, 5], inner
+    paper = profiles.settings("paper", "06_mnist_cnn")
+    full = interpolation_modes(paper.global_levels, paper.points, paper.get("other_levels"), small_ends=True,
+                               panel_points=paper.get("panel_points"))
+    assert all(sum(1 for row in full if row["global_level"] == x and row["other_level"] == "e" and 0 < row["i"] < 10)
+               == 9 for x in paper.global_levels), "at paper every panel has all nine"
+
+
+@pytest.mark.skipif(not (resolve_data_root() / "MNIST").is_dir(), reason="needs the MNIST files")
+def test_interpolation_study_reads_a_panels_own_points(tmp_path: Path) -> None:
+    study = ex.InterpolationStudy("MNIST", profiles.settings("quick", "06_mnist_cnn"),
+                                  (resolve_data_root(), tmp_path / "runs", tmp_path / "figures"))
+    dense = {row["mode"] for row in study.layout if row["global_level"] == "a" and 0 < row["i"] < 10}
+    assert dense == {"a1-e9", "a3-e7", "a5-e5", "a7-e3", "a9-e1"}
+    assert len({e.name for e in study.grid}) == 13 and len(study.grid) == 13 * 3, "9 + 4 mixtures, 3 seeds each"

@@ -73,12 +73,12 @@ def test_only_the_profile_and_the_paths_are_injected(profile: str) -> None:
 
 
 def test_settings_take_overrides_and_refuse_unknown_names() -> None:
-    assert profiles.settings("workshop", "04_mnist_cnn", rounds=3).scale.rounds == 3
-    assert profiles.settings("workshop", "07_ablations", seed=1).seed == 1
+    assert profiles.settings("workshop", "06_mnist_cnn", rounds=3).scale.rounds == 3
+    assert profiles.settings("workshop", "09_ablations", seed=1).seed == 1
     with pytest.raises(ValueError, match="no setting 'round'"):
-        profiles.settings("workshop", "04_mnist_cnn", round=3)
+        profiles.settings("workshop", "06_mnist_cnn", round=3)
     with pytest.raises(ValueError, match="unknown profile"):
-        profiles.settings("huge", "04_mnist_cnn")
+        profiles.settings("huge", "06_mnist_cnn")
     with pytest.raises(ValueError, match="unknown notebook"):
         profiles.settings("smoke", "06_ablations")
     with pytest.raises(ValueError, match="unknown scale settings"):
@@ -86,27 +86,27 @@ def test_settings_take_overrides_and_refuse_unknown_names() -> None:
 
 
 def test_paper_profile_is_the_papers_settings() -> None:
-    for notebook, dataset in (("04_mnist_cnn", "MNIST"), ("05_cifar10_resnet18", "CIFAR10"),
-                              ("06_wikitext2_transformer", "WikiText2")):
+    for notebook, dataset in (("06_mnist_cnn", "MNIST"), ("07_cifar10_resnet18", "CIFAR10"),
+                              ("08_wikitext2_transformer", "WikiText2")):
         settings = profiles.settings("paper", notebook)
         control = settings.scale.control("a1-e1")
         assert settings.scale.config(dataset, control) == parse_control(control, dataset)
         assert settings.scale.reductions(dataset) == [], f"{dataset}: paper profile reduces nothing"
         assert settings.points == list(range(1, 10)) and settings.global_levels == list("abcd")
-    ablation = profiles.settings("paper", "07_ablations")
+    ablation = profiles.settings("paper", "09_ablations")
     assert ablation.mode == "a1-e1", "the paper ablates a-e"
     for values, dataset in ((ablation.mnist, "MNIST"), (ablation.cifar10, "CIFAR10")):
         scale = Scale.from_params(**values)
         control = scale.control("a1-e1", split="non-iid-2", model_split="dynamic")
         assert scale.config(dataset, control) == parse_control(control, dataset)
         assert scale.reductions(dataset, "non-iid-2") == [], f"{dataset} ablation: paper profile reduces nothing"
-    table = profiles.settings("paper", "08_paper_figures")
+    table = profiles.settings("paper", "10_paper_figures")
     assert Scale.from_params(**table.cifar10).reductions("CIFAR10") == [] and table.table_models == [
         "a", "a-e", "a-b-c-d-e", "b", "c", "d", "e"], "the paper's CIFAR10 table, its rows"
 
 
 def test_only_selects_notebooks_and_refuses_unknown_names() -> None:
-    assert rp.select(["04,mnist", "8"]) == ["04_mnist_cnn", "08_paper_figures"]
+    assert rp.select(["04,mnist", "8"]) == ["06_mnist_cnn", "10_paper_figures"]
     assert rp.select(None) == list(rp.NOTEBOOKS)
     with pytest.raises(ValueError, match="unknown notebook"):
         rp.select(["nope"])
@@ -189,9 +189,9 @@ def test_rerun_reads_finished_runs_back(smoke: tuple[Path, dict]) -> None:
     assert metrics
     before = {p: p.stat().st_mtime_ns for p in metrics}
     summary = rp.reproduce("smoke", only=["04"], out=out, data_root=DATA)
-    assert summary["notebooks"]["04_mnist_cnn"]["status"] == "ok"
+    assert summary["notebooks"]["06_mnist_cnn"]["status"] == "ok"
     assert {p: p.stat().st_mtime_ns for p in metrics} == before, "finished runs are not trained again"
-    executed = nbformat.read(out / "notebooks" / "04_mnist_cnn.ipynb", as_version=4)
+    executed = nbformat.read(out / "notebooks" / "06_mnist_cnn.ipynb", as_version=4)
     assert "(cached)" in "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
 
 
@@ -206,14 +206,14 @@ def test_smoke_never_writes_into_the_committed_figures(tmp_path: Path, monkeypat
 @pytest.mark.slow
 @needs_data
 def test_a_failing_notebook_names_the_cell_and_the_error(tmp_path: Path) -> None:
-    params = rp.notebook_parameters("smoke", "04_mnist_cnn", data_root=DATA, out_dir=tmp_path,
+    params = rp.notebook_parameters("smoke", "06_mnist_cnn", data_root=DATA, out_dir=tmp_path,
                                     figures_dir=tmp_path / "figures")
     params["overrides"] = {"global_levels": ["z"]}  # not a level: the grid cell raises
     with pytest.raises(rp.NotebookFailed) as failure:
-        rp.execute("04_mnist_cnn", params, tmp_path)
+        rp.execute("06_mnist_cnn", params, tmp_path)
     message = str(failure.value)
-    assert "04_mnist_cnn.ipynb failed in cell" in message and "ValueError" in message and "'z'" in message
-    assert (tmp_path / "notebooks" / "04_mnist_cnn.ipynb").exists(), "the executed copy is kept"
+    assert "06_mnist_cnn.ipynb failed in cell" in message and "ValueError" in message and "'z'" in message
+    assert (tmp_path / "notebooks" / "06_mnist_cnn.ipynb").exists(), "the executed copy is kept"
 
 
 @pytest.mark.slow

@@ -59,6 +59,29 @@ def make_norm(norm: str, channels: int, track_running_stats: bool) -> nn.Module:
     raise ValueError(f"unknown norm {norm!r}; valid: bn, in, ln, gn, none")
 
 
+CLIENT_BN_MOMENTUM = 0.1  # PyTorch's default BatchNorm momentum: what a client keeps without sBN
+
+
+def track_running_statistics(model: nn.Module, momentum: float = CLIENT_BN_MOMENTUM) -> nn.Module:
+    """``model`` with every BatchNorm2d replaced, in place, by PyTorch's default kind: tracking running
+    statistics as an exponential average with ``momentum`` (``nn.BatchNorm2d(C)``); the affine weights
+    are kept, the statistics start at mean 0, variance 1.
+
+    Not sBN: the clients' own statistics, which the alternative to sBN averages on the server
+    (federated.Federation.local_update_tracking). A train-mode forward normalises with batch statistics
+    either way, so training computes the same; :func:`make_norm`'s two kinds are left as they are.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                like = {"device": child.weight.device, "dtype": child.weight.dtype} if child.affine else {}
+                tracking = nn.BatchNorm2d(child.num_features, eps=child.eps, momentum=momentum, affine=child.affine,
+                                          track_running_stats=True, **like)
+                tracking.load_state_dict(child.state_dict(), strict=False)  # affine weights (and any statistics)
+                setattr(parent, name, tracking.train(child.training))
+    return model
+
+
 class StaticBatchNorm2d(nn.BatchNorm2d):
     """The server's sBN copy of a BatchNorm (spec section 4): running statistics as a cumulative
     average (``momentum=None``), and optionally over ghost batches.
