@@ -38,8 +38,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                              "--set resnet_blocks=2,2,2,2 --set mask_fill=-inf (repeatable)")
     parser.add_argument("--data-root", metavar="DIR",
                         help=f"where datasets live ({DATA_ROOT_RULE})")
-    parser.add_argument("--out", metavar="DIR", help="run folder for config, metrics.csv and checkpoints "
-                                                      "(default: runs/<data>_<control>_seed<seed>)")
+    parser.add_argument("--out", metavar="DIR", help="run folder for config, metrics.csv and checkpoints (default: "
+                                                      "runs/<data>_<control>_seed<seed>, then each setting changed from "
+                                                      "the control string's preset, e.g. _rounds-2)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
@@ -65,8 +66,21 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def default_out(cfg: ExperimentConfig, prefix: str = "") -> str:
-    """The run folder when --out is not given: runs/<prefix><data>_<control>_seed<seed>."""
-    return f"runs/{prefix}{cfg.dataset}_{cfg.control}_seed{cfg.seed}"
+    """The run folder when --out is not given: runs/<prefix><data>_<control>_seed<seed>, then every setting that
+    differs from the control string's paper preset (--rounds, --local-epochs, --set), e.g.
+    ``_rounds-2_participants-widest``: runs of different configs never share a folder."""
+    preset = parse_control(cfg.control, cfg.dataset, seed=cfg.seed)
+    changed = [f"_{field.name}-{_folder_value(getattr(cfg, field.name))}" for field in dataclasses.fields(cfg)
+               if getattr(cfg, field.name) != getattr(preset, field.name)]
+    return f"runs/{prefix}{cfg.dataset}_{cfg.control}_seed{cfg.seed}{''.join(changed)}"
+
+
+def _folder_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, tuple):
+        return "-".join(map(str, value)) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

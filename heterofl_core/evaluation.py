@@ -35,6 +35,11 @@ def image_metrics(logits: torch.Tensor, target: torch.Tensor, user_index: list[t
     return {k: v.item() for k, v in metrics.items()}
 
 
+def global_chance(target: torch.Tensor) -> float:
+    """The chance level of Global accuracy (%): always guessing the test set's most frequent class."""
+    return float(torch.bincount(target).max() / len(target) * 100)
+
+
 def local_chance(user_masks: torch.Tensor, test_counts: torch.Tensor | list[int]) -> float:
     """The chance level of Local accuracy (%): each user guesses uniformly among its own classes (its label
     mask, the classes a masked prediction chooses among), weighted by its test samples as Local accuracy

@@ -42,6 +42,14 @@ def rolling_shift(round_: int) -> int:
     return round_ - 1
 
 
+def rolling_window(size: int, n: int, round_: int) -> torch.Tensor:
+    """FedRolex's window on one PREFIX axis of ``size`` channels for a client holding ``n`` of them,
+    in round ``round_`` (from 1): local position j holds global channel (j - (round_ - 1)) mod size."""
+    if not 1 <= n <= size:
+        raise ValueError(f"a client holds 1 to {size} of the axis' {size} channels; got {n}")
+    return roll_channels(torch.arange(size), (PREFIX,), rolling_shift(round_))[:n]
+
+
 def holdings(slicer: Slicer, rate: float, extraction: str, round_: int = 1,
              generator: torch.Generator | None = None) -> dict[str, Holding]:
     """Per tensor name, the global indices a rate-``rate`` client holds in round ``round_`` (from 1).

@@ -115,7 +115,9 @@ def interpolation_figure(points: pd.DataFrame, metric: str, title: str, banner: 
             line = pd.concat([panel[panel["line"] == y], alone]).sort_values("mean_size")
             ax.plot(line["mean_size"], line["mean"], ls=":", lw=2, color=colors[y], alpha=0.7, zorder=2)
             own = line[line["line"].notna() & ~((line["line"] == smallest) & (line["share_big"] == 0))]
-            legend[f"mixtures x{{i}}-{y}{{10-i}}: mean, bar: range over seeds"] = _measured(ax, own, colors[y], "o", 10)
+            several = panel["seeds"].map(len).max() > 1
+            legend[f"mixtures x{{i}}-{y}{{10-i}}" + (": mean, bar: range over seeds" if several else "")] = _measured(
+                ax, own, colors[y], "o", 10)
         if lines:
             legend["dotted: joins measured points only"] = mlines.Line2D([], [], ls=":", lw=2, color="0.35")
             _share_axis(ax, pd.concat([panel[panel["line"] == lines[-1]], alone]),
@@ -136,17 +138,16 @@ def interpolation_figure(points: pd.DataFrame, metric: str, title: str, banner: 
             if low <= value <= high:
                 ax.plot(drawn[x][level], value, marker="D", ms=11, ls="", mfc="none", mew=2.5, color=_PAPER_RED,
                         zorder=6)
-            else:
+                legend[paper_label] = mlines.Line2D([], [], marker="D", ms=11, ls="", mfc="none", mew=2.5,
+                                                    color=_PAPER_RED)
+            else:  # written at the edge, where the note itself says what it is
                 _edge_note(ax, drawn[x][level], value, paper_label.split(" (")[0], _PAPER_RED, value > high)
-        if shown[x]:
-            legend[paper_label] = mlines.Line2D([], [], marker="D", ms=11, ls="", mfc="none", mew=2.5,
-                                                color=_PAPER_RED)
         if reference is not None:
             if low <= reference[0] <= high:
                 ax.axhline(reference[0], ls="-.", lw=2, color="0.2", zorder=1)
+                legend[reference[1]] = mlines.Line2D([], [], ls="-.", lw=2, color="0.2")
             else:
                 _edge_note(ax, None, reference[0], reference[1].split(" (")[0], "0.2", reference[0] > high)
-            legend[reference[1]] = mlines.Line2D([], [], ls="-.", lw=2, color="0.2")
         ax.set_title(f"global model {x} (rate {LEVEL_RATES[x]:g})")
         ax.set_xlabel("mean parameters per client")
         if ax.get_subplotspec().is_first_col():

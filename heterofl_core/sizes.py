@@ -32,6 +32,7 @@ from .families import WIKITEXT2_VOCAB, get_family
 from .models import model_builder
 
 COUNTED_PARAMETERS = ("weight", "bias")  # the authors count only these parameter names
+BYTES_PER_PARAMETER = 4  # float32
 DEFAULT_VOCAB_SIZE = WIKITEXT2_VOCAB  # a text family's default vocabulary (the authors' WikiText2), without the mask token
 
 
@@ -42,7 +43,7 @@ class ModelSize:
     model_mode: str
     params: int  # entries of every weight and bias (mixture: proportion-weighted mean, rounded)
     flops: int  # authors' convention, one sample (mixture: proportion-weighted mean, rounded)
-    mb: float  # params * 4 / 2**20 (mixture: weighted mean of the levels' MB)
+    mb: float  # megabytes(params) (mixture: weighted mean of the levels' MB)
     ratio: float  # params / global model's params (the global model = first level of the mode)
     flops_standard: int  # torch FlopCounterMode, one sample, forward only; NOT the paper's convention
 
@@ -52,6 +53,11 @@ class ModelSize:
 def count_params(model: nn.Module) -> int:
     """Entries of every ``weight`` and ``bias`` parameter (the authors' convention)."""
     return sum(p.numel() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in COUNTED_PARAMETERS)
+
+
+def megabytes(params: int) -> float:
+    """Space of ``params`` float32 parameters in MB, the paper's way: params * 4 bytes / 2^20."""
+    return params * BYTES_PER_PARAMETER / 2**20
 
 
 def _module_cost(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
@@ -156,7 +162,7 @@ def level_size(model_name: str, level: str, *, vocab_size: int | None = None, gl
     key = tuple(sorted((name, tuple(v) if isinstance(v, list) else v) for name, v in fields.items()))
     params, flops, flops_standard = _measure(model_name, level, global_level, vocab_size, key)
     global_params = _measure(model_name, global_level, global_level, vocab_size, key)[0]
-    return ModelSize(level, params, flops, params * 4 / 2**20, params / global_params, flops_standard)
+    return ModelSize(level, params, flops, megabytes(params), params / global_params, flops_standard)
 
 
 def mixture_sizes(model_name: str, mode: str, *, vocab_size: int | None = None, **fields: Any) -> list[ModelSize]:

@@ -256,9 +256,11 @@ def test_run_default_out_folder(capsys, tmp_path, mnist_root):
     argv = ["run", "--data", "MNIST", "--control", CONTROL, "--rounds", "1", "--local-epochs", "1",
             "--data-root", str(mnist_root), "--device", "cpu", "--quiet", "--seed", "2"]  # no --out
     assert main(argv) == 0
-    out = Path("runs") / f"MNIST_{CONTROL}_seed2"
+    out = Path("runs") / f"MNIST_{CONTROL}_seed2_rounds-1_local_epochs-1"
     assert (tmp_path / out / "metrics.csv").is_file()
     assert str(out) in capsys.readouterr().out
+    assert main(argv + ["--set", "participants=widest"]) == 0, "another config: another folder, not a refusal"
+    assert (tmp_path / f"{out}_participants-widest" / "metrics.csv").is_file()
 
 
 def test_run_with_progress_prints_round_lines_with_times(capsys, tmp_path, mnist_root):

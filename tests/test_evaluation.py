@@ -18,7 +18,7 @@ from torch import nn
 from heterofl_core import training
 from heterofl_core.config import ExperimentConfig, parse_control
 from heterofl_core.data import TextData
-from heterofl_core.evaluation import image_metrics, local_chance, masked_log_partition, perplexity_summary, text_window_metrics
+from heterofl_core.evaluation import global_chance, image_metrics, local_chance, masked_log_partition, perplexity_summary, text_window_metrics
 from heterofl_core.models import model_builder
 from heterofl_core.splits import split_clients
 from heterofl_core.training import sbn_statistics, scheduled_lr, train_client
@@ -68,6 +68,11 @@ def test_image_metrics_match_a_loop_over_users(fill, seed):
         assert got[key] == pytest.approx(expected[key], rel=1e-6), key  # accuracies are float32 means
     # the mask matters: with fill zero, hiding classes changes the Local numbers here
     assert got["local_loss"] != pytest.approx(got["global_loss"], rel=1e-6)
+
+
+def test_global_chance_is_always_guessing_the_most_frequent_class():
+    assert global_chance(torch.tensor([3, 3, 1, 0])) == pytest.approx(50.0)
+    assert global_chance(torch.arange(10).repeat(7)) == pytest.approx(10.0)
 
 
 def test_local_chance_is_uniform_guessing_among_each_users_classes():

@@ -202,3 +202,42 @@ def test_the_reproduction_runs_every_solution_after_its_exercise() -> None:
             title, code = solution_code(cell.source)
             assert run.cell_type == "code" and "solution-run" in tags(run)
             assert f"run_solution({title!r}, {code!r}, globals())" in run.source
+
+
+# ----------------------------------------------------------------------------- executed as a learner, and as the reproduction
+
+def test_a_learners_run_all_executes_no_solution(tmp_path) -> None:
+    """papermill with no parameters: notebook 02 as a learner's Run All (the workshop profile; it needs no data)."""
+    import papermill
+
+    from heterofl_core.reproduce import KERNEL
+
+    out = tmp_path / "02.ipynb"
+    papermill.execute_notebook(str(NOTEBOOK_DIR / "02_aggregation.ipynb"), str(out), kernel_name=KERNEL,
+                               cwd=str(tmp_path), progress_bar=False)
+    executed = nbformat.read(out, as_version=4)
+    solutions = [c for c in executed.cells if "solution" in tags(c)]
+    assert solutions and all(not c.get("outputs") and c.get("execution_count") is None for c in solutions)
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "not attempted yet" in printed and "correct" not in printed.replace("not attempted", ""), \
+        "the learner's exercises wait for an answer; no solution ran"
+
+
+def test_a_wrong_solution_stops_the_reproduction(tmp_path) -> None:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from heterofl_core.reproduce import KERNEL
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": KERNEL, "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("from heterofl_core.exercises import check\nanswer = None\n"
+                                          "check('Exercise 1', answer, 4)", metadata={"tags": ["exercise", "read"]}),
+                nbformat.v4.new_markdown_cell("<details><summary><b>Solution to Exercise 1</b></summary>\n\n"
+                                              "```python\nanswer = 5\ncheck('Exercise 1', answer, 4)\n```\n\n</details>",
+                                              metadata={"tags": ["solution"]})]
+    path = tmp_path / "wrong.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(PapermillExecutionError, match="ExerciseFailed"):
+        papermill.execute_notebook(with_solutions_run(path), str(tmp_path / "out.ipynb"), kernel_name=KERNEL,
+                                   progress_bar=False)

@@ -120,6 +120,24 @@ def test_rolling_matches_the_reference_window(family, round_):
             assert torch.equal(held[key].static.take(rolled), split[key]), key
 
 
+def test_rolling_window_is_the_reference_window_and_the_holdings_of_a_prefix_axis():
+    """The one-axis form (notebook 12's exercise) against the reference and against holdings on the conv model."""
+    gen = seeded(3)
+    for _ in range(50):
+        size = int(torch.randint(1, 300, (1,), generator=gen))
+        n, round_ = int(torch.randint(1, size + 1, (1,), generator=gen)), int(torch.randint(1, 700, (1,), generator=gen))
+        assert torch.equal(extraction.rolling_window(size, n, round_), reference_window(PREFIX, size, n, round_ - 1))
+    slicer = slicer_for("conv", **TINY["conv"])
+    key = next(k for k in slicer.global_shapes if k.endswith("weight"))  # the first convolution: outputs on axis 0
+    size = slicer.global_shapes[key][0]
+    for rate in RATES:
+        for round_ in ROUNDS:
+            held = extraction.holdings(slicer, rate, "rolling", round_)[key].index[0]
+            assert torch.equal(extraction.rolling_window(size, len(held), round_), held)
+    with pytest.raises(ValueError, match="holds 1 to 8"):
+        extraction.rolling_window(8, 9, 1)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rolling_in_round_one_is_static(family):
     slicer, state = slicer_for(family, **TINY[family]), random_global(family, 2, **TINY[family])

@@ -65,7 +65,7 @@ def test_interpolation_figure_has_one_panel_per_global_level_and_one_line_per_sm
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     lines = [f"mixtures x{{i}}-{y}{{10-i}}: mean, bar: range over seeds" for y in "bcde"]
     assert labels == ["x alone: every user at the panel's level x", *lines, "dotted: joins measured points only",
-                      "e alone (the same runs in every panel)", "paper", "chance"], labels
+                      "e alone (the same runs in every panel)", "paper"], "chance, off the axis, is an edge note only"
     first = axes[0].containers[0].lines[0]
     assert list(first.get_ydata()) == [84.0, 85.0, 85.0, 85.0], "b alone, a1-b9, a5-b5, a9-b1: markers of line a-b"
     assert first.get_linestyle() == "None", "measured points are markers, not a line"

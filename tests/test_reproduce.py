@@ -106,7 +106,7 @@ def test_paper_profile_is_the_papers_settings() -> None:
 
 
 def test_only_selects_notebooks_and_refuses_unknown_names() -> None:
-    assert rp.select(["04,mnist", "8"]) == ["06_mnist_cnn", "10_paper_figures"]
+    assert rp.select(["06,mnist", "10"]) == ["06_mnist_cnn", "10_paper_figures"]
     assert rp.select(None) == list(rp.NOTEBOOKS)
     with pytest.raises(ValueError, match="unknown notebook"):
         rp.select(["nope"])
@@ -114,6 +114,25 @@ def test_only_selects_notebooks_and_refuses_unknown_names() -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["reproduce", "--profile", "huge"])
     assert exit_.value.code == 2
+
+
+def test_the_committed_figures_come_from_the_course_as_it_is() -> None:
+    """What figures/ must show (a quick run of the final code writes it): the paper's mixtures i = 1, 3, 5, 7, 9 on
+    one line, the baselines beside HeteroFL, and the ablation's no-norm Scaler pair."""
+    figures = repo_root() / "figures"
+    points = json.loads((figures / "interpolation_MNIST.json").read_text())["points"]
+    inner = {}
+    for point in points:
+        if 0 < point["share_big"] < 1:
+            inner.setdefault(point["panel"], set()).add(point["share_big"])
+    assert max(len(shares) for shares in inner.values()) >= 5, inner
+    baseline = json.loads((figures / "baseline_MNIST.json").read_text())
+    assert baseline["profile"] == "quick" and sum(r["name"].startswith("FedAvg") for r in baseline["rows"]) == 3
+    ablation = json.loads((figures / "ablation.json").read_text())
+    assert {"no norm + masked CE", "no norm + Scaler + masked CE"} <= {c["name"] for c in ablation["configs"]}
+    summary = json.loads((figures / "reproduction.json").read_text())
+    assert summary["profile"] == "quick" and set(summary["notebooks"]) == set(rp.NOTEBOOKS), "one run of every notebook"
+    assert all(run["status"] == "ok" for run in summary["notebooks"].values())
 
 
 # ----------------------------------------------------------------------------- the smoke reproduction
@@ -159,6 +178,11 @@ def test_smoke_writes_every_figure_with_its_record(smoke: tuple[Path, dict]) -> 
         for suffix in (".png", ".pdf", ".csv", ".md", ".json"):
             assert (figures / f"{table}{suffix}").exists(), f"{table}{suffix}"
     assert "JPEG" in " ".join(json.loads((figures / "cifar10_table.json").read_text())["data_source"])
+    ablation = json.loads((figures / "ablation.json").read_text())
+    assert {"no norm + masked CE", "no norm + Scaler + masked CE"} <= {c["name"] for c in ablation["configs"]}, \
+        "the Scaler's no-norm pair"
+    baseline = json.loads((figures / "baseline_MNIST.json").read_text())
+    assert sum(row["name"].startswith("FedAvg") for row in baseline["rows"]) == 3 and baseline["configs"]
     assert (figures / "README.md").read_text().count("![") >= 11
 
 
@@ -188,7 +212,7 @@ def test_rerun_reads_finished_runs_back(smoke: tuple[Path, dict]) -> None:
     metrics = sorted((out / "runs" / "MNIST").glob("*/metrics.csv"))
     assert metrics
     before = {p: p.stat().st_mtime_ns for p in metrics}
-    summary = rp.reproduce("smoke", only=["04"], out=out, data_root=DATA)
+    summary = rp.reproduce("smoke", only=["06"], out=out, data_root=DATA)
     assert summary["notebooks"]["06_mnist_cnn"]["status"] == "ok"
     assert {p: p.stat().st_mtime_ns for p in metrics} == before, "finished runs are not trained again"
     executed = nbformat.read(out / "notebooks" / "06_mnist_cnn.ipynb", as_version=4)
@@ -221,7 +245,7 @@ def test_a_failing_notebook_names_the_cell_and_the_error(tmp_path: Path) -> None
 def test_fresh_retrains_every_run(smoke: tuple[Path, dict]) -> None:
     out, _ = smoke
     before = {p: p.stat().st_mtime_ns for p in (out / "runs" / "MNIST").glob("*/metrics.csv")}
-    rp.reproduce("smoke", only=["04"], out=out, data_root=DATA, fresh=True)  # last: it replaces the runs
+    rp.reproduce("smoke", only=["06"], out=out, data_root=DATA, fresh=True)  # last: it replaces the runs
     after = {p: p.stat().st_mtime_ns for p in (out / "runs" / "MNIST").glob("*/metrics.csv")}
     assert after and not set(after) - set(before), "the same run folders come back"
     assert all(after[p] != before[p] for p in after), "every run trained again"

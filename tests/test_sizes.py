@@ -16,6 +16,7 @@ from heterofl_core.sizes import (
     format_table,
     human,
     level_size,
+    megabytes,
     mixture_sizes,
 )
 
@@ -62,6 +63,12 @@ def test_paper_exact_counts_and_blocks_option() -> None:
     a = level_size("resnet18", "a")
     assert (a.params, a.flops) == (9_622_090, 330_246_144)
     assert a.mb == pytest.approx(9_622_090 * 4 / 2**20)
+
+
+def test_megabytes_is_four_bytes_per_parameter_over_two_to_the_twenty() -> None:
+    assert megabytes(2**18) == 1.0 and megabytes(0) == 0.0
+    assert f"{megabytes(9_622_090):.2f}" == "36.71", "the paper's MB of level a"
+    assert all(level_size("resnet18", level).mb == megabytes(level_size("resnet18", level).params) for level in LEVELS)
     assert human(level_size("resnet18", "a", resnet_blocks=(2, 2, 2, 2)).params) == "11.2M"  # authors' later code: 11.17M
 
 
