@@ -552,3 +552,59 @@ def test_live_curves_redraw_every_round_in_jupyterlab(lab: Lab, browser: Any, sh
     finally:
         page.close()
         lab.shut_down(notebook)
+
+
+# ----------------------------------------------------------------------------- the exercises, as a learner meets them
+
+FIRST_LINE_EDIT = "untouched = 3  # a wrong answer"
+
+
+def test_exercises_hide_their_solutions_and_answer_a_wrong_answer_in_one_line(lab: Lab, browser: Any,
+                                                                              shots: Path) -> None:
+    """Notebook 02 after Run All: every solution is a closed <details> (its code hidden until the learner opens
+    it), every exercise waits for an answer; a wrong answer typed into Exercise 3 gets one line, no traceback,
+    and not the value; opening a solution shows its code."""
+    notebook = NOTEBOOKS / "02_aggregation.ipynb"
+    shutil.copy(notebook, lab.root / notebook.name)
+    page = _open(browser, lab, notebook.name)
+    try:
+        _run_all(page, shots)
+        solutions = page.locator(".jp-MarkdownCell details")
+        assert solutions.count() == 3, f"{solutions.count()} solution blocks rendered"
+        for k in range(solutions.count()):
+            block = solutions.nth(k)
+            assert block.get_attribute("open") is None, "a solution starts closed"
+            assert block.locator("summary").inner_text().startswith(f"Solution to Exercise {k + 1}")
+            assert not block.locator("pre").is_visible(), "its code is hidden until opened"
+        waiting = page.locator(".jp-OutputArea-output", has_text=re.compile("not attempted yet|no guess yet"))
+        assert waiting.count() == 3, "each exercise waits for the learner's answer"
+
+        cells = page.locator(".jp-CodeCell")
+        cell = cells.nth(next(k for k in range(cells.count()) if "untouched = None" in cells.nth(k).inner_text()))
+        cell.scroll_into_view_if_needed()
+        editor = cell.locator(".cm-content").first
+        editor.click()
+        page.keyboard.press("Control+Home")
+        page.keyboard.press("Shift+End")
+        page.keyboard.type(FIRST_LINE_EDIT)
+        page.keyboard.press("Shift+Enter")
+        answer = cell.locator(".jp-OutputArea-output").first
+        answer.wait_for()
+        page.wait_for_function(KERNEL_IDLE, timeout=RUN_TIMEOUT * 1000)
+        text = answer.inner_text().strip()
+        cell.screenshot(path=str(shots / "exercise-wrong-answer.png"))
+        _keep(shots, "exercise-wrong-answer.png")
+        assert text.startswith("Exercise 3: not yet.") and "\n" not in text, f"one line: {text!r}"
+        assert cell.locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0, "no traceback"
+        assert "24" not in text, f"the answer (24 entries) is not given away: {text!r}"
+
+        first = solutions.first
+        first.locator("summary").click()
+        assert first.get_attribute("open") is not None and first.locator("pre").is_visible()
+        assert "def count_rule" in first.locator("pre").inner_text()
+        first.screenshot(path=str(shots / "solution-opened.png"))
+        _keep(shots, "solution-opened.png")
+        assert not page.errors, f"JavaScript errors in the page: {page.errors}"  # type: ignore[attr-defined]
+    finally:
+        page.close()
+        lab.shut_down(notebook.name)
