@@ -34,6 +34,7 @@ import torch
 
 from .config import EXTRACTIONS, LEVEL_RATES, ExperimentConfig, format_model_mode, paper_preset, parse_control, parse_model_mode
 from .data import ImageData, TextData, load_dataset, repo_root, resolve_data_root
+from .evaluation import global_chance
 from .families import family_for_dataset, get_family
 from .federated import RoundCallback, run_experiment
 from .runs import read_metrics, results_version
@@ -659,13 +660,14 @@ class InterpolationStudy:
         }).reset_index(drop=True)
 
     def reference(self) -> tuple[float, str]:
-        """The level a model must beat: chance for classes (100 / classes %), the unigram perplexity for text
-        (word frequencies of the whole training split, scored on the test tokens used here)."""
+        """The level a model must beat: for classes, chance (always guessing the most frequent test class:
+        :func:`~heterofl_core.evaluation.global_chance`); for text, the unigram perplexity (word frequencies of
+        the whole training split, scored on the test tokens used here)."""
         loaded = self.data.load()
         if isinstance(loaded, TextData):
             train = DataSpec(self.dataset, self.data.root).load().train
             return unigram_references(train, loaded.test, loaded.vocab_size)["unigram"], "unigram (word frequencies)"
-        return 100 / loaded.num_classes, "chance"
+        return global_chance(loaded.test_y), "chance"
 
     def draw(self, allow_mixed: bool = False) -> list[Path]:
         """The interpolation figure and the learning curves, each saved (PNG, PDF, JSON record); the paths.

@@ -503,14 +503,25 @@ def seed_comparison(summary: pd.DataFrame, metric: str, by: str, title: str, ban
             mean = values.mean()
             ax.hlines(mean, x - 0.25, x + 0.25, color="black", lw=3, zorder=2)
             ax.annotate(f"{mean:.2f}", (x + 0.27, mean), textcoords="offset points", xytext=(2, -6), fontsize=15)
-        if reference is not None:
-            ax.axhline(reference[0], ls="--", lw=2, color="0.45")
-            ax.annotate(reference[1], (-0.55, reference[0]), textcoords="offset points", xytext=(0, 5),
-                        fontsize=14, color="0.35")
         ax.set_xticks(range(len(groups)), [textwrap.fill((labels or {}).get(g, g), 16) for g in groups])
         ax.set_xlim(-0.6, len(groups) - 0.4)
         if name is not None:
             ax.set_title(f"{name}")
+    if reference is not None:  # near the data: a dashed line; far off: a note at the edge (no squashed dots)
+        values = summary[column].to_numpy(dtype=float)
+        low, high = float(values.min()), float(values.max())
+        span = max(high - low, 1.0)
+        near = low - span / 2 <= reference[0] <= high + span / 2
+        bottom, top = min(low, reference[0]) if near else low, max(high, reference[0]) if near else high
+        margin = (top - bottom) * (0.18 if not near else 0.08)
+        axes.flat[0].set_ylim(bottom - margin, top + margin)
+        for ax in axes.flat:
+            if near:
+                ax.axhline(reference[0], ls="--", lw=2, color="0.45")
+                ax.annotate(reference[1], (-0.55, reference[0]), textcoords="offset points", xytext=(0, 5),
+                            fontsize=14, color="0.35")
+            else:
+                _edge_note(ax, None, reference[0], reference[1], "0.35", reference[0] > high)
     lower_is_better = metric.endswith("perplexity")
     axes.flat[0].set_ylabel(METRIC_LABELS.get(metric, metric) + ("\n(lower is better)" if lower_is_better
                                                                   else "\n(higher is better)"))
@@ -518,11 +529,12 @@ def seed_comparison(summary: pd.DataFrame, metric: str, by: str, title: str, ban
     return fig
 
 
-def strategy_comparison(summary: pd.DataFrame, metric: str, title: str, banner: str | None = None) -> plt.Figure:
+def strategy_comparison(summary: pd.DataFrame, metric: str, title: str, banner: str | None = None,
+                        reference: tuple[float, str] | None = None) -> plt.Figure:
     """One panel per ``model_split`` (fix, dynamic levels): ``final_<metric>`` against the extraction strategy
-    (:func:`seed_comparison`)."""
+    (:func:`seed_comparison`); ``reference``: (value, label) drawn dashed, e.g. chance."""
     fig = seed_comparison(summary.assign(model_split=summary["model_split"] + " levels"), metric, "extraction",
-                          title, banner, panel="model_split")
+                          title, banner, panel="model_split", reference=reference)
     for ax in fig.axes:
         ax.set_xlabel("extraction")
     return fig

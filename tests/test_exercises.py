@@ -170,8 +170,8 @@ def test_every_notebook_from_01_ends_with_a_summary_and_exercises_that_are_mostl
     assert None not in kinds and all(c.cell_type == "code" for c in exercises), "each a code cell tagged with its kind"
     doing = sum(kind in ("write", "predict") for kind in kinds)
     assert doing * 2 >= len(exercises), f"{doing} of {len(exercises)} exercises are write or predict: at least half"
-    headings = [t for t in text if t.lstrip("# ").lower().startswith("exercise")]
-    assert len(headings) == len(exercises), "one heading per exercise"
+    headings = [line for t in text for line in t.splitlines() if re.match(r"#+ Exercise \d+ \((write|predict|read)\)", line)]
+    assert len(headings) == len(exercises), "one heading per exercise, with its kind"
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS[1:])
