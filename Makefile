@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The data root is not decided here: heterofl_core.data.resolve_data_root does it for every command.
 PROFILE ?= quick
 
-.PHONY: install test reproduce clean
+.PHONY: install test reproduce wheel clean
 
 install: $(VENV)/.installed
 
@@ -24,5 +24,9 @@ test: install
 reproduce: install
 	$(BIN)/heterofl reproduce --profile $(PROFILE)
 
+# A wheel of the project in dist/, for hosted notebooks: HETEROFL_SOURCE=dist/heterofl-<version>-py3-none-any.whl
+wheel: install
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis dist build
