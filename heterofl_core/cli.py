@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .data_cli import add_command as add_data
     add_data(commands)
 
+    from .pool import add_command as add_pool
+    add_pool(commands)
+
+    from .packs import add_command as add_packs
+    add_packs(commands)
+
     from heterofl_flower.cli import add_command as add_flower  # imports Flower only when a flower command runs
     add_flower(commands)
 

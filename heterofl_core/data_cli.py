@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
 
 from .data import DATA_ROOT_RULE, FETCHABLE, DataError, DatasetStatus, dataset_status, fetch_dataset, \
     resolve_data_root, status_of
@@ -81,3 +84,25 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     if failures:
         raise DataError("\n\n".join(failures))
     return 0
+
+
+def ensure_data(names: Sequence[str], data_root: str | os.PathLike | None = None) -> Path:
+    """For a notebook's set-up cell: fetch each dataset of ``names`` missing from the data root (it needs
+    internet), say in one line what is where, and return the root. ``"text"`` is WikiText2, or the substitute
+    corpus already there (SOTU); a fetch that fails raises its DataError, which says what to do instead."""
+    root = resolve_data_root(data_root)
+    said = []
+    for name in names:
+        if name == "text":
+            if (root / "SOTU" / "train.tokens").is_file() and not status_of("WikiText2", root).found:
+                said.append("SOTU (the text substitute)")
+                continue
+            name = "WikiText2"
+        if status_of(name, root).found:
+            said.append(name)
+            continue
+        print(f"{name} is not at {root}: fetching it ...", flush=True)
+        fetch_dataset(name, root)
+        said.append(f"{name} (fetched)")
+    print(f"data root {root}" + (f": {', '.join(said)}" if said else " (nothing to fetch for this notebook)"))
+    return root

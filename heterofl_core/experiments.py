@@ -48,8 +48,12 @@ PAPER_FRAC = 0.1
 # ----------------------------------------------------------------------------- where things live
 
 def default_out_dir() -> Path:
-    """Where a notebook run by hand keeps its runs and figures: reproduction/interactive (git-ignored)."""
-    return repo_root() / "reproduction" / "interactive"
+    """Where a notebook run by hand keeps its runs and figures: reproduction/interactive of the checkout
+    (git-ignored); for a package installed outside a checkout (a hosted notebook), ~/.cache/heterofl/interactive."""
+    checkout = repo_root()
+    if not (checkout / "pyproject.toml").is_file():
+        return Path("~/.cache/heterofl/interactive").expanduser()
+    return checkout / "reproduction" / "interactive"
 
 
 def notebook_paths(data_root: str | os.PathLike | None, out_dir: str | os.PathLike | None,
@@ -275,9 +279,10 @@ def finished(folder: Path, cfg: ExperimentConfig) -> bool:
 
 
 def run_cached(experiment: Experiment, runs_dir: str | os.PathLike, *, device: str = "auto",
-               on_round: RoundCallback | None = None) -> tuple[pd.DataFrame, bool]:
+               on_round: RoundCallback | None = None, progress: bool = False) -> tuple[pd.DataFrame, bool]:
     """(tidy metrics, whether they came from the cache): read a finished run, else run or continue it.
-    ``on_round`` sees every round trained now; a run read back shows it its last round once."""
+    ``on_round`` sees every round trained now; a run read back shows it its last round once. ``progress``:
+    a bar counts the rounds of a run that trains (gone when it ends)."""
     folder = experiment.folder(runs_dir)
     if finished(folder, experiment.cfg):
         frame = read_metrics(folder)
@@ -290,8 +295,8 @@ def run_cached(experiment: Experiment, runs_dir: str | os.PathLike, *, device: s
     (folder / "experiment.json").write_text(json.dumps(
         {"name": experiment.name, "data": experiment.data.__dict__, "data_source": data.source,
          "labels": experiment.labels}, indent=2, default=str))
-    frame = run_experiment(experiment.cfg, data=data, out_dir=folder, device=device, resume=True, quiet=True,
-                           on_round=on_round)
+    frame = run_experiment(experiment.cfg, data=data, out_dir=folder, device=device, resume=True,
+                           quiet=not progress, round_lines=False, on_round=on_round)
     return frame, False
 
 
@@ -336,13 +341,15 @@ def headline(dataset_or_cfg: str | ExperimentConfig) -> str:
 
 
 def run_all(experiments: Sequence[Experiment], runs_dir: str | os.PathLike, *, device: str = "auto",
-            on_round: Callable[[Experiment], RoundCallback | None] | None = None, log: bool = True) -> Results:
-    """Run (or read back) every experiment, one line each; summarise final and best metrics."""
+            on_round: Callable[[Experiment], RoundCallback | None] | None = None, log: bool = True,
+            progress: bool = False) -> Results:
+    """Run (or read back) every experiment, one line each; summarise final and best metrics. ``progress``: a
+    bar counts the rounds of each run that trains (a notebook with a frontend: its ``interactive``)."""
     rows, histories, started = [], [], time.perf_counter()
     for n, experiment in enumerate(experiments, 1):
         begin = time.perf_counter()
         frame, cached = run_cached(experiment, runs_dir, device=device,
-                                   on_round=on_round(experiment) if on_round else None)
+                                   on_round=on_round(experiment) if on_round else None, progress=progress)
         row = summarise(frame, experiment)
         row["folder"] = str(experiment.folder(runs_dir))
         row["data_source"] = _data_source(experiment.folder(runs_dir))
@@ -617,14 +624,15 @@ class InterpolationStudy:
         from . import plots
 
         live = plots.LiveCurves(self.metric, f"{self.dataset} {self.featured.name}", interactive)
-        results = run_all([self.featured], self.runs_dir, on_round=lambda experiment: live)
+        results = run_all([self.featured], self.runs_dir, on_round=lambda experiment: live, progress=interactive)
         if not live.interactive:
             plots.learning_curves(results.history, self.metric, f"{self.dataset}: {self.featured.cfg.control}")
         return results
 
-    def run(self) -> Results:
-        """Every run of the grid, one line each: finished runs are read back, the others train now."""
-        self.results = run_all(self.grid, self.runs_dir)
+    def run(self, progress: bool = False) -> Results:
+        """Every run of the grid, one line each: finished runs are read back, the others train now (``progress``:
+        with a bar over each one's rounds)."""
+        self.results = run_all(self.grid, self.runs_dir, progress=progress)
         return self.results
 
     def points(self) -> pd.DataFrame:
@@ -729,7 +737,7 @@ class InterpolationStudy:
     def run_everything(self, interactive: bool = False) -> Results:
         """:meth:`watch`, :meth:`run` and :meth:`draw`: the whole recipe of notebook 06 in one call."""
         self.watch(interactive)
-        self.run()
+        self.run(progress=interactive)
         self.draw()
         return self._results()
 

@@ -469,11 +469,12 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
                    on_round: RoundCallback | None = None, eval_batch_size: int | None = None,
                    cohort_rule: CohortRule | None = None,
                    rounds_by: Callable[[Federation], RoundFunction] | None = None,
-                   runtime: dict[str, object] | None = None) -> pd.DataFrame:
+                   runtime: dict[str, object] | None = None, round_lines: bool = True) -> pd.DataFrame:
     """Run (or resume) one experiment; return its tidy per-round metrics.
 
     With ``out_dir`` the run is a folder (runs.py) and can be resumed; ``on_round``
     is called after every round with the metrics so far (live plots in notebooks).
+    Unless ``quiet`` a progress bar counts the rounds, and ``round_lines`` prints one line per round.
     ``rounds_by(federation)`` gives the function that runs one round (default:
     :meth:`Federation.run_round`, in this process; heterofl_flower's runs it through
     Flower); ``runtime`` describes where rounds run, for run.json.
@@ -501,7 +502,7 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
         state = federation.initial_state()
 
     bar = tqdm(range(run.round + 1, cfg.rounds + 1), initial=run.round, total=cfg.rounds, disable=quiet,
-               desc=f"{cfg.dataset} {cfg.control}", unit="round", dynamic_ncols=True)
+               desc=f"{cfg.dataset} {cfg.control}", unit="round", dynamic_ncols=True, leave=round_lines)
     run_round = rounds_by(federation) if rounds_by is not None else federation.run_round
     for round_ in bar:
         state, metrics = run_round(state, round_)
@@ -517,7 +518,7 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
             folder.save(cfg, state, run, best=better)
         if headline is not None:
             bar.set_postfix_str(f"{federation.workload.headline} {headline:.4g}, round {metrics['round_s']:.1f}s")
-        if not quiet:
+        if not quiet and round_lines:
             bar.write(_round_line(round_, cfg.rounds, metrics, federation.workload.headline))
         if on_round is not None:
             on_round(round_, metrics_frame(run.rows))

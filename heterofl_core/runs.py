@@ -61,7 +61,8 @@ def code_version(package: Path = Path(__file__).parent) -> str:
 
 # The package's top-level modules that only present, time, launch or count: they cannot change a run's numbers.
 PRESENTATION_MODULES = frozenset({"__init__.py", "__main__.py", "bench.py", "cli.py", "data_cli.py", "exercises.py",
-                                  "plots.py", "profiles.py", "reproduce.py", "sizes.py"})
+                                  "packs.py", "pictures.py", "plots.py", "pool.py", "profiles.py", "reproduce.py",
+                                  "sizes.py"})
 
 
 def results_version(package: Path | None = None) -> str:

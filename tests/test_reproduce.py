@@ -58,6 +58,21 @@ def test_committed_notebook_is_clean(notebook: str) -> None:
     assert nb.metadata["kernelspec"]["name"] == rp.KERNEL
 
 
+@pytest.mark.parametrize("notebook", rp.NOTEBOOKS)
+def test_every_notebook_can_install_the_project_it_needs(notebook: str) -> None:
+    """The cell after the parameters installs the project where it is missing, from the release of this version
+    unless $HETEROFL_SOURCE says otherwise, then fetches the notebook's data (README, "Hosted notebooks")."""
+    from heterofl_core import __version__
+
+    cells = nbformat.read(NOTEBOOK_DIR / f"{notebook}.ipynb", as_version=4).cells
+    position = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+    setup = next(c for c in cells[position + 1:] if c.cell_type == "code").source
+    assert 'importlib.util.find_spec("heterofl_core") is None' in setup
+    assert f'os.environ.get("HETEROFL_SOURCE", "heterofl[notebooks]=={__version__}")' in setup, "pinned to this version"
+    assert re.search(r"ensure_data\(\[[^\]]*\], data_root\)", setup), "then the data it reads"
+    assert setup.index("find_spec") < setup.index("from heterofl_core"), "nothing of the project before it is there"
+
+
 @pytest.mark.parametrize("profile", sorted(rp.PROFILES))
 def test_only_the_profile_and_the_paths_are_injected(profile: str) -> None:
     for notebook in rp.NOTEBOOKS:
