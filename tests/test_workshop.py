@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import tarfile
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def test_three_tables_pool_into_one_row_with_spreads(three_seeds, tmp_path: Path
     assert row["runs"] == 3 and row["tables"] == "0, 1, 2"
     assert row["global_accuracy (mean)"] == pytest.approx(sum(accuracies) / 3)
     assert row["low"] == min(accuracies) and row["high"] == max(accuracies)
-    assert row["std"] == pytest.approx(float(__import__("statistics").stdev(accuracies)))
+    assert row["std"] == pytest.approx(statistics.stdev(accuracies))
     assert main(["pool", str(tmp_path)]) == 0
 
 
