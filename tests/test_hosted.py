@@ -37,8 +37,13 @@ def test_a_fresh_environment_installs_the_project_and_runs_notebook_01(tmp_path:
     # this environment's packages, as plain paths: their .pth files (this checkout's editable install) stay off
     shared = sysconfig.get_paths()["purelib"]
     (Path(purelib) / "shared_from_the_test.pth").write_text(shared + "\n")
-    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('heterofl_core') is None else 1)"
-    assert subprocess.run([python, "-c", probe], cwd=tmp_path).returncode == 0, "heterofl_core must be missing"
+    # nothing from outside the fresh environment either: no PYTHONPATH (a CI may set one), no user site-packages
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.delenv("PYTHONHOME", raising=False)
+    monkeypatch.setenv("PYTHONNOUSERSITE", "1")
+    probe = "import importlib.util; spec = importlib.util.find_spec('heterofl_core'); print(spec and spec.origin)"
+    found = subprocess.run([python, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "None", f"heterofl_core must be missing, found {found.stdout.strip()}"
     assert subprocess.run([python, "-c", "import torch, ipykernel"], cwd=tmp_path).returncode == 0
 
     jupyter = fresh / "share" / "jupyter"
