@@ -44,13 +44,14 @@ from .aggregation import aggregate, aggregate_holdings, aggregate_plain
 from .cohort import CohortRule, grouped_model, train_cohort
 from .config import EXTRACTIONS, LEVEL_RATES, assign_fixed_levels, parse_control, parse_model_mode
 from .data import DATA_ROOT_RULE, ImageData, load_dataset
-from .families import WIKITEXT2_VOCAB
+from .families import WIKITEXT2_VOCAB, build_model
 from .federated import Federation, default_eval_batch_size, resolve_device
 from .losses import label_mask
-from .models import build_model
+from .machine import fast_layout, reuse_host_memory, set_cpu_threads
+from .seeds import global_rng
 from .sizes import level_size
 from .slicing import PREFIX, Heads, Rule, Slicer, State
-from .training import fast_layout, reuse_host_memory, set_cpu_threads, train_client
+from .training import train_client
 
 PAPER_CONTROL = "1_100_0.1_iid_fix_a1-e1_bn_1_1"
 MIXTURES = ("a1-e1", "a1-b1-c1-d1-e1")
@@ -193,8 +194,8 @@ def _server_inputs(family: str, mixture: str, device: torch.device,
     """The slicer, a global state (seed 0), the 10 clients' rates under ``mixture`` and their label sets."""
     options = _family_options(family, quick)
     slicer = Slicer(partial(build_model, family, **options))
-    torch.manual_seed(0)
-    global_state = {k: v.to(device) for k, v in build_model(family, 1.0, **options).state_dict().items()}
+    with global_rng(0, torch.device("cpu")):  # the model's initial draws; torch's generator is left as it was
+        global_state = {k: v.to(device) for k, v in build_model(family, 1.0, **options).state_dict().items()}
     rates = [LEVEL_RATES[level] for level in assign_fixed_levels(parse_model_mode(mixture), CLIENTS)]
     vocab = options.get("vocab_size", 10)
     labels = [l.to(device) for l in _label_sets(family, vocab, CLIENTS, torch.Generator().manual_seed(0), quick)]
@@ -451,8 +452,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                             "machinery in seconds, numbers are not meaningful")
     bench.add_argument("--repeats", type=int, help="timed repeats per measurement, best kept (default 5; quick 1)")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    bench.add_argument("--reuse-host-memory", action="store_true",
-                       help="keep freed host memory in the process, as `heterofl run --reuse-host-memory`")
+    bench.add_argument("--reuse-host-memory", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep freed host memory in the process, as `heterofl run` does (on by default for "
+                            "this program; --no-reuse-host-memory measures without it)")
     bench.set_defaults(handler=_cmd_bench)
 
 

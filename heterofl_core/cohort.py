@@ -47,7 +47,8 @@ from torch.func import functional_call
 
 from .config import ExperimentConfig
 from .losses import cross_entropy
-from .training import Batch, TrainStats, correct_predictions, local_step, training_layout
+from .machine import training_layout
+from .training import Batch, TrainStats, correct_predictions, local_step
 
 State = dict[str, torch.Tensor]
 

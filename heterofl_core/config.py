@@ -22,6 +22,7 @@ import torch
 from .families import FAMILIES, ModelFamily, family_for_dataset, get_family
 
 LEVEL_RATES: dict[str, float] = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
+
 NORMS = ("bn", "in", "ln", "gn", "none")
 MODEL_SPLITS = ("fix", "dynamic")
 MASK_FILLS = ("zero", "-inf")  # see losses.FILLS
@@ -29,6 +30,11 @@ SBN_SOURCES = ("server", "clients")  # see federated.Federation.evaluation_model
 EXTRACTIONS = ("static", "rolling", "random")  # see extraction.py
 PARTICIPANTS = ("all", "widest")  # see federated.Federation.plan_round
 _VALID_LEVELS = f"valid levels: {', '.join(f'{k}={v:g}' for k, v in LEVEL_RATES.items())}"
+
+
+def level_of(rate: float) -> str:
+    """The level whose width rate is ``rate`` (``LEVEL_RATES``' inverse)."""
+    return next(level for level, level_rate in LEVEL_RATES.items() if level_rate == rate)
 
 
 class ConfigError(ValueError):

@@ -10,6 +10,7 @@ one :func:`register_family` call; nothing else names families.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -100,6 +101,19 @@ def family_for_dataset(dataset: str) -> ModelFamily:
 
 
 # ----------------------------------------------------------------------------- the paper's three families
+
+def build_model(name: str, rate: float = 1.0, **options: object) -> nn.Module:
+    """The registered family ``name`` at width ``rate``."""
+    return get_family(name).model_class(rate, **options)
+
+
+def model_builder(cfg: ExperimentConfig, num_classes: int, track_running_stats: bool = False,
+                  in_channels: int | None = None) -> Callable[[float], nn.Module]:
+    """``rate -> model`` for this experiment: ``num_classes`` is the vocabulary size for text;
+    ``in_channels`` defaults to the family's paper dataset (the model class's default)."""
+    options = get_family(cfg.model).options(cfg, num_classes, in_channels, track_running_stats)
+    return partial(build_model, cfg.model, global_rate=cfg.global_rate, scale=cfg.scale, **options)
+
 
 def _image_options(cfg: ExperimentConfig, classes: int, in_channels: int | None, track: bool) -> dict[str, Any]:
     """Norm, classes and (when known from the data) input channels; else the class's default."""

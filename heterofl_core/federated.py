@@ -11,11 +11,11 @@ Beside sBN, the alternative a reader tries first: clients keep running BatchNorm
 statistics while they train and the server averages them
 (:meth:`Federation.local_update_tracking`, :meth:`Federation.averaged_statistics_model`).
 
-Randomness comes from generators, never from torch's global state: the server's
-draws of a round from one seeded by (seed, round), each client's from its own,
-seeded by (seed, round, user). So a resumed run continues exactly as an
-uninterrupted one would, and a client's result does not depend on which other
-clients train, in which order or in which process (:meth:`Federation.local_update`).
+The server's steps of a round are written once (server.py) and shared with Flower's
+strategy; :meth:`Federation.run_round` drives them in this process, training the clients
+here (:meth:`Federation.train`). Randomness comes from seeded generators (seeds.py), so a
+client's result does not depend on which other clients train, in which order or in which
+process (:meth:`Federation.local_update`).
 """
 
 from __future__ import annotations
@@ -25,27 +25,27 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import extraction
-from .aggregation import aggregate, aggregate_holdings
+from .aggregation import aggregate_holdings
 from .cohort import CohortRule, grouped_model, train_cohort
 from .config import LEVEL_RATES, ExperimentConfig, assign_fixed_levels, draw_dynamic_levels
 from .data import ImageData, TextData, load_dataset
-from .families import FAMILIES, get_family
-from .models import model_builder
+from .families import FAMILIES, get_family, model_builder
+from .machine import fast_layout
 from .models.layers import CLIENT_BN_MOMENTUM, track_running_statistics
 from .runs import RunError, RunFolder, RunState, metrics_frame
+from .seeds import client_generator, client_sbn_generator, global_rng, round_generator, seed_for
+from .server import RoundSetup, RoundSteps, is_reply_count
 from .slicing import Holding, Slicer, State
 from .splits import ClientSplit, split_clients
-from .training import (TrainStats, fast_layout, load_sbn_sums, sbn_statistics, sbn_sums, scheduled_lr,
-                       train_client)
+from .training import TrainStats, load_sbn_sums, sbn_statistics, sbn_sums, scheduled_lr, train_client
 from .workloads import Workload, make_workload
 
 RoundCallback = Callable[[int, pd.DataFrame], None]
@@ -77,40 +77,6 @@ def default_eval_batch_size(device: torch.device) -> int:
     return 1000 if device.type == "cuda" else 100
 
 
-def seed_for(*keys: int) -> int:
-    """A 63-bit seed from integer keys (numpy's SeedSequence: well mixed, the same on every platform)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
-
-
-def round_generator(seed: int, round_: int, device: torch.device) -> torch.Generator:
-    """The server's generator for one round: the active users, dynamic levels, the sBN
-    order and augmentation, and the evaluation's token masks."""
-    return torch.Generator(device).manual_seed(seed_for(seed, round_, 0))
-
-
-def client_generator(seed: int, round_: int, user: int, device: torch.device) -> torch.Generator:
-    """One client's own generator for one round: its shuffling, augmentation, token masks and dropout."""
-    return torch.Generator(device).manual_seed(seed_for(seed, round_, 1, user))
-
-
-def client_sbn_generator(seed: int, round_: int, user: int, device: torch.device) -> torch.Generator:
-    """One client's generator for its sBN pass of a round (``sbn_source=clients``): its order and augmentation."""
-    return torch.Generator(device).manual_seed(seed_for(seed, round_, 3, user))
-
-
-@contextmanager
-def global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Within the block torch's global generator on ``device`` (and the CPU) starts from
-    ``seed``; after it, it is back as it was. For layers that draw from it (dropout)."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
-
-
 def centralised_split(data: ImageData | TextData) -> ClientSplit:
     """fed=0: a single client that holds all the data."""
     if isinstance(data, TextData):
@@ -128,6 +94,7 @@ class RoundPlan:
     rates: list[float]
     lr: float
     sat_out: list[int] = field(default_factory=list)  # sampled, but not training (``participants=widest``)
+    skipped: list[int] = field(default_factory=list)  # sampled, but not available (their node is not connected)
 
 
 @dataclass
@@ -185,53 +152,56 @@ class Federation:
         with global_rng(self.cfg.seed, torch.device("cpu")):
             return build(rate)
 
-    def plan_round(self, round_: int, generator: torch.Generator) -> RoundPlan:
+    def plan_round(self, round_: int, generator: torch.Generator, available: Collection[int] | None = None) -> RoundPlan:
         """The round's active users (uniform, without replacement) and their widths; under
         ``participants=widest`` only those at the global model's width train, the others sit out
-        (the same draws either way)."""
+        (the same draws either way).
+
+        With ``available`` (the users whose node is connected), the users are the first
+        available ones of the same seeded order; the unavailable ones met before them are
+        ``skipped``. With every user available, the plan is the one without ``available``.
+        """
         cfg = self.cfg
         users_total = len(self.fixed_levels)
         active = min(cfg.active_users, users_total)
-        users = torch.randperm(users_total, generator=generator, device=self.device)[:active].tolist()
+        order = torch.randperm(users_total, generator=generator, device=self.device).tolist()
+        users, skipped = order[:active], []
+        if available is not None:
+            users = []
+            for user in order:
+                if len(users) == active:
+                    break
+                (users if user in available else skipped).append(user)
         levels = (draw_dynamic_levels(cfg.model_mode, users_total, generator) if cfg.model_split == "dynamic"
                   else self.fixed_levels)
         rates = [LEVEL_RATES[levels[u]] for u in users]
         if cfg.participants == "all":
-            return RoundPlan(round_, users, rates, scheduled_lr(cfg, round_))
+            return RoundPlan(round_, users, rates, scheduled_lr(cfg, round_), skipped=skipped)
         assert cfg.participants == "widest", cfg.participants
         trains = [rate == cfg.global_rate for rate in rates]
         return RoundPlan(round_, [u for u, t in zip(users, trains) if t], [r for r, t in zip(rates, trains) if t],
-                         scheduled_lr(cfg, round_), sat_out=[u for u, t in zip(users, trains) if not t])
+                         scheduled_lr(cfg, round_), sat_out=[u for u, t in zip(users, trains) if not t],
+                         skipped=skipped)
 
     def run_round(self, state: State, round_: int) -> tuple[State, dict[str, float]]:
-        """One federated round; returns the new global state and the round's metrics and phase times."""
-        generator = round_generator(self.cfg.seed, round_, self.device)
+        """One federated round in this process: the server's steps (server.py) around local training
+        here; returns the new global state and the round's metrics and phase times."""
+        steps = RoundSteps(self)
         timer = PhaseTimer(self.device)
         with timer.phase("round"):
-            plan = self.plan_round(round_, generator)
-            labels = [self.labels[u] for u in plan.users]
-            if self.cfg.extraction == "static":  # the paper's: the fast path of nested prefixes
-                with timer.phase("split"):
-                    subs = {rate: self.slicer.split(state, rate) for rate in dict.fromkeys(plan.rates)}
-                with timer.phase("local_training"):
-                    client_states, stats = self.train_clients(subs, plan)
-                with timer.phase("aggregate"):
-                    state = aggregate(self.slicer, state, client_states, plan.rates, labels)
-            else:
-                with timer.phase("split"):
-                    held = self.round_holdings(plan, generator)
-                    subs_by_client = [extraction.split(state, holding) for holding in held]
-                with timer.phase("local_training"):
-                    client_states, stats = self.train_one_by_one(subs_by_client, plan)
-                with timer.phase("aggregate"):
-                    state = aggregate_holdings(state, client_states, held, labels)
+            with timer.phase("split"):
+                setup = steps.configure(state, round_)
+            with timer.phase("local_training"):
+                trained, stats = self.train(setup)
+            with timer.phase("aggregate"):
+                state = steps.aggregate(state, setup, trained)
             metrics: dict[str, float] = {}
-            if round_ % self.cfg.eval_every == 0 or round_ == self.cfg.rounds:
+            if steps.evaluates(round_):
                 with timer.phase("sbn" if self.uses_sbn else "eval"):
-                    evaluated = self.evaluation_model(state, generator, round_)
+                    evaluated = steps.statistics_model(state, round_, setup.generator)
                 with timer.phase("eval"):
-                    metrics = self.workload.evaluate(evaluated, generator)
-            metrics.update(stats.metrics(), lr=plan.lr, clients_trained=len(plan.users))
+                    metrics = steps.evaluate(evaluated, setup.generator)
+            metrics.update(steps.training_metrics(setup, stats, len(trained)))
         return state, {**metrics, **timer.report()}
 
     def round_holdings(self, plan: RoundPlan, generator: torch.Generator) -> list[dict[str, Holding]]:
@@ -251,41 +221,27 @@ class Federation:
             row[holding[key].index[axis].cpu()] = True
         return plan, held
 
-    def train_one_by_one(self, subs: list[State], plan: RoundPlan) -> tuple[list[State], TrainStats]:
-        """:meth:`local_update` of each client from its own sub-model (any extraction)."""
-        states, stats = [], TrainStats.zero(self.device)
-        for sub, user, rate in zip(subs, plan.users, plan.rates):
-            client_state, client_stats = self.local_update(sub, user, rate, plan.round)
-            states.append(client_state)
-            stats = stats.add(client_stats)
-        return states, stats
+    def train(self, setup: RoundSetup) -> tuple[dict[int, State], TrainStats]:
+        """Local training of the round's clients here: ``{user: trained state}`` and their summed sums.
 
-    def train_clients(self, subs: dict[float, State], plan: RoundPlan) -> tuple[list[State], TrainStats]:
-        """Local training of the round's clients; their trained states in the plan's order.
-
-        Each client's result is :meth:`local_update`'s: clients of a width the cohort rule
-        picks train together as one batched computation (cohort.py), which gives the same
-        states up to float rounding, the others one by one.
+        Each client's result is :meth:`local_update`'s. The clients of a group (one sub-model: a
+        static width) that the cohort rule picks train together as one batched computation
+        (cohort.py), which gives the same states up to float rounding; the others one by one.
         """
-        widths: dict[float, list[int]] = defaultdict(list)  # rate -> positions in the plan
-        for i, rate in enumerate(plan.rates):
-            widths[rate].append(i)
-        states: list[State] = [{} for _ in plan.users]
+        trained: dict[int, State] = {}
         stats = TrainStats.zero(self.device)
-        for rate, members in widths.items():
-            users = [plan.users[i] for i in members]
-            if self.has_cohort_form and self.cohort_rule.together(rate, len(users)):
-                trained, cohort_stats = self.cohort_update(subs[rate], users, rate, plan.round)
+        for group in setup.groups:
+            tasks = [setup.tasks[i] for i in group]
+            rate, sub_state, users = tasks[0].rate, tasks[0].sub_state, [task.user for task in tasks]
+            if self.has_cohort_form and self.cohort_rule.together(rate, len(tasks)):
+                states, cohort_stats = self.cohort_update(sub_state, users, rate, setup.round)
+                trained.update(zip(users, states))
                 stats = stats.add(cohort_stats)
-            else:
-                trained = []
-                for user in users:
-                    client_state, client_stats = self.local_update(subs[rate], user, rate, plan.round)
-                    trained.append(client_state)
-                    stats = stats.add(client_stats)
-            for i, client_state in zip(members, trained):
-                states[i] = client_state
-        return states, stats
+                continue
+            for task in tasks:
+                trained[task.user], client_stats = self.local_update(task.sub_state, task.user, task.rate, setup.round)
+                stats = stats.add(client_stats)
+        return trained, stats
 
     def local_update(self, sub_state: State, user: int, rate: float, round_: int) -> tuple[State, TrainStats]:
         """One client's round: its rate-``rate`` sub-model trained on its own data.
@@ -352,20 +308,23 @@ class Federation:
         """The user's label mask for the masked loss, or None when masking is off."""
         return self.workload.user_masks[user] if self.cfg.mask else None
 
-    def evaluation_model(self, state: State, generator: torch.Generator, round_: int = 0) -> nn.Module:
+    def evaluation_model(self, state: State, generator: torch.Generator, round_: int = 0,
+                         user_sums: list[State] | None = None) -> nn.Module:
         """A fresh full-width copy; with sBN, its running statistics over the training set
         (``round_`` seeds the clients' passes).
 
         ``sbn_source=server`` (the paper): one pass over the whole training set, which the server
-        holds. ``clients``: every user's own pass over its own data (:meth:`user_sbn_sums`),
-        combined by adding their sums: what a deployment whose server holds no data can do.
+        holds. ``clients``: every user's own pass over its own data (:meth:`user_sbn_sums`; or
+        ``user_sums``, the users' sums as their nodes sent them), combined by adding them: what a
+        deployment whose server holds no data can do.
         """
         model = self.evaluation_copy(state)
         if self.uses_sbn and self.cfg.sbn_source == "server":
             sbn_statistics(model, self.workload.stats_inputs(generator), self.cfg.sbn_batch)
         elif self.uses_sbn:
-            load_sbn_sums(model, add_states([self.user_sbn_sums(model, user, round_)
-                                             for user in range(len(self.fixed_levels))]))
+            if user_sums is None:
+                user_sums = [self.user_sbn_sums(model, user, round_) for user in range(len(self.fixed_levels))]
+            load_sbn_sums(model, add_states(user_sums))
         return model.eval()
 
     def evaluation_copy(self, state: State) -> nn.Module:
@@ -528,7 +487,7 @@ def run_experiment(cfg: ExperimentConfig, *, data: ImageData | TextData | None =
 def _split_of(metric: str) -> str:
     if metric.endswith("_s"):
         return "time"
-    if metric.startswith("train_") or metric in ("lr", "clients_trained"):
+    if metric.startswith("train_") or metric in ("lr", "clients_trained") or is_reply_count(metric):
         return "train"
     return "test"
 

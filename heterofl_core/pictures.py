@@ -95,7 +95,7 @@ def nested_submodels() -> tuple[plt.Figure, dict]:
     beside each level's size: nested corners, one global model."""
     from functools import partial
 
-    from .models import build_model
+    from .families import build_model
 
     levels = list(LEVEL_RATES)
     slicer = Slicer(partial(build_model, "conv"), global_rate=1.0)

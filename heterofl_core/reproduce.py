@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .data import DATA_ROOT_RULE, repo_root, resolve_data_root
+from .machine import HOST_MEMORY_ENV
 from .profiles import NOTEBOOKS, PROFILES
 from .runs import atomic_write, code_version
 
@@ -199,6 +200,8 @@ def _write(paths: Sequence[Path], summary: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- the command
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    if args.reuse_host_memory:  # this program's kernels: glibc reads these when a process starts
+        os.environ.update(HOST_MEMORY_ENV)
     try:
         reproduce(args.profile, args.only, args.out, args.figures, args.data_root, args.threads, args.log_output,
                   args.fresh)
@@ -235,6 +238,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
                         help="CPU threads per notebook kernel (sets OMP_NUM_THREADS; 1 is fastest on a CPU "
                              "shared with other busy processes)")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    parser.add_argument("--reuse-host-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="the notebook kernels keep freed host memory for reuse (glibc), as `heterofl run` "
+                             "does: on by default for this program; --no-reuse-host-memory turns it off")
     parser.add_argument("--fresh", action="store_true",
                         help="delete <out>/runs first and train every run again (default: finished runs are read "
                              "back; a change to the code that makes results retrains on its own)")

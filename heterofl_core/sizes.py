@@ -28,8 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import LEVEL_RATES, ExperimentConfig, check_model_mode, parse_control, parse_model_mode
-from .families import WIKITEXT2_VOCAB, get_family
-from .models import model_builder
+from .families import WIKITEXT2_VOCAB, get_family, model_builder
 
 COUNTED_PARAMETERS = ("weight", "bias")  # the authors count only these parameter names
 BYTES_PER_PARAMETER = 4  # float32

@@ -20,8 +20,8 @@ import pandas as pd
 import torch
 
 from heterofl_core.config import LEVEL_RATES, parse_control
+from heterofl_core.families import build_model
 from heterofl_core.federated import run_experiment
-from heterofl_core.models import build_model
 from heterofl_core.slicing import Slicer
 
 from .messages import to_record

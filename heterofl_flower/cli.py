@@ -61,6 +61,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     supernode.add_argument("--partition", required=True, type=int, metavar="K", help="this node's partition, 0..N-1")
     supernode.add_argument("--partitions", required=True, type=int, metavar="N", help="how many nodes there are")
     supernode.add_argument("--data-root", metavar="DIR", help="this node's own data root (default: the library's rule)")
+    supernode.add_argument("--data", action="append", default=[], metavar="NAME",
+                           help="a dataset this node must hold (repeatable); checked before the node starts, which "
+                                "otherwise needs at least one dataset under its data root")
+    supernode.add_argument("--download", action="store_true",
+                           help="let the node download a missing dataset when a run asks for it (default: never)")
     supernode.add_argument("--device", default="cpu", help="cpu or cuda[:N] for this node's training (default cpu)")
     supernode.add_argument("--print", dest="print_only", action="store_true", help="print the command, do not run it")
     supernode.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flower-supernode options")
@@ -94,7 +99,7 @@ def require_flower() -> None:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from heterofl_core.cli import config_from_args, default_out, finished_line
-    from heterofl_core.training import set_cpu_threads
+    from heterofl_core.machine import set_cpu_threads
     require_flower()
     cfg = config_from_args(args)
     if args.supernodes < 1:
@@ -112,13 +117,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def supernode_command(superlink: str, partition: int, partitions: int, data_root: str | None = None,
-                      device: str = "cpu", extra: list[str] | None = None) -> list[str]:
+                      device: str = "cpu", extra: list[str] | None = None, download: bool = False) -> list[str]:
     """The ``flower-supernode`` command line of one node."""
     if not 0 <= partition < partitions:
         raise ValueError(f"--partition must be in 0..{partitions - 1} for --partitions {partitions}, got {partition}")
     config = f"partition-id={partition} num-partitions={partitions} device=\"{device}\""
     if data_root:
         config += f" data-root=\"{Path(data_root).resolve()}\""
+    if download:
+        config += " download=true"
     executable = shutil.which("flower-supernode") or str(Path(sys.executable).with_name("flower-supernode"))
     return [executable, "--superlink", superlink, "--node-config", config, *(extra or [])]
 
@@ -144,14 +151,31 @@ def _cmd_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_node_data(names: list[str], data_root: str | None) -> None:
+    """Raise DataError unless the node's data root holds each dataset of ``names`` (none named: at least one)."""
+    from heterofl_core.data import DataError, dataset_status, resolve_data_root, status_of
+    root = resolve_data_root(data_root)
+    if not names and not any(row.found for row in dataset_status(root)):
+        raise DataError(f"this node's data root {root} holds no dataset; copy one there (`heterofl data status "
+                        f"--data-root {root}` shows the layouts) or fetch it first: heterofl data fetch MNIST "
+                        f"--data-root {root}")
+    for name in names:
+        if not (row := status_of(name, root)).found:
+            raise DataError(f"{name} not found under this node's data root {root} (looked at {row.path}); copy it "
+                            f"there or fetch it first: heterofl data fetch {name} --data-root {root}")
+
+
 def _cmd_supernode(args: argparse.Namespace) -> int:
     require_flower()
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    command = supernode_command(args.superlink, args.partition, args.partitions, args.data_root, args.device, extra)
+    command = supernode_command(args.superlink, args.partition, args.partitions, args.data_root, args.device, extra,
+                                args.download)
     if args.print_only:
         import shlex
         print(shlex.join(command))
         return 0
+    if not args.download:
+        check_node_data(args.data, args.data_root)
     from .simulation import offline_environment
     offline_environment()
     os.execv(command[0], command)  # becomes flower-supernode: signals and exit code are Flower's

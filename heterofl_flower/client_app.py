@@ -4,7 +4,8 @@ A node (a SuperNode: one device, or one virtual node of a simulation) holds part
 ``p`` of ``P`` (its ``node-config``: ``partition-id``, ``num-partitions``) and hosts the
 users ``u`` with ``u mod P == p``. Its data come from its own data root (``node-config``
 ``data-root``; else the server's hint; else the library's rule) and the library's
-seeded client split, so every node agrees with the server on who holds what.
+seeded client split, so every node agrees with the server on who holds what. A node
+downloads nothing unless its node-config says ``download=true``.
 
 - ``train``: :meth:`Federation.local_update`: the same pure function of (sub-model, user,
   rate, round, seed) that the in-process loop runs, so its result is the same bit for bit.
@@ -25,7 +26,7 @@ from heterofl_core.data import ImageData, TextData, load_dataset
 from heterofl_core.experiments import subset
 from heterofl_core.federated import Federation, default_eval_batch_size, resolve_device
 
-from .messages import experiment_of, from_record, reply, to_record
+from .messages import check_held, experiment_of, from_record, reply, to_record
 
 app = ClientApp()
 
@@ -45,6 +46,8 @@ def train(message: Message, context: Context) -> Message:
     check_hosts(context, user)
     federation = node_federation(message, context)
     sub_state = from_record(message.content["arrays"], federation.device)
+    if "held" in message.content.array_records:  # rolling, random: this client's own index sets
+        check_held(sub_state, message.content["held"])
     state, stats = federation.local_update(sub_state, user, rate, round_)
     metrics = MetricRecord({"user": user, "loss_sum": stats.loss_sum.item(), "correct": stats.correct.item(),
                             "count": stats.count})
@@ -82,19 +85,19 @@ def node_federation(message: Message, context: Context) -> Federation:
     cfg, fields, config = experiment_of(message), message.content["config"], context.node_config
     data_root = str(config.get("data-root", "") or fields["data-root"]) or None
     return _federation(json.dumps(cfg.to_dict()), data_root, int(fields["train-samples"]), int(fields["test-samples"]),
-                       str(config.get("device", "cpu")))
+                       str(config.get("device", "cpu")), bool(config.get("download", False)))
 
 
 @lru_cache(maxsize=2)
 def _federation(experiment: str, data_root: str | None, train_samples: int, test_samples: int,
-                device: str) -> Federation:
+                device: str, download: bool) -> Federation:
     cfg = ExperimentConfig.from_dict(json.loads(experiment))
     torch_device = resolve_device(device)
-    data = experiment_data(cfg.dataset, data_root, train_samples or None, test_samples or None)
+    data = experiment_data(cfg.dataset, data_root, train_samples or None, test_samples or None, download)
     return Federation.assemble(cfg, data, torch_device, default_eval_batch_size(torch_device))
 
 
 def experiment_data(name: str, data_root: str | None, train_samples: int | None,
-                    test_samples: int | None) -> ImageData | TextData:
+                    test_samples: int | None, download: bool = True) -> ImageData | TextData:
     """The dataset, or the seeded subset the notebooks' profiles use (the same on every node and the server)."""
-    return subset(load_dataset(name, data_root), train_samples, test_samples)
+    return subset(load_dataset(name, data_root, download=download), train_samples, test_samples)

@@ -4,7 +4,9 @@ For tests, teaching and inspection, not speed: each message is handed to the ``C
 with its node's ``Context`` (``node-config``: ``partition-id``, ``num-partitions``), as a
 SuperNode would, and the reply comes straight back. :attr:`LocalGrid.traffic` records
 every message's type, destination and model bytes both ways; ``lost`` can drop chosen
-replies (a node that never answers) to exercise rounds where only some nodes reply.
+replies (a node that never answers) to exercise rounds where only some nodes reply, and
+:meth:`LocalGrid.disconnect` / :meth:`LocalGrid.connect` take a node away and bring one
+back under a new id, as a SuperNode that dies and is restarted.
 
 Use it as a context manager: inside, the process has the task identity a Flower runtime
 gives its ServerApp (run id, node id), which building a ``Message`` needs; on exit the
@@ -43,13 +45,25 @@ class LocalGrid(Grid):
     def __init__(self, client_app: ClientApp, nodes: int, node_config: dict[str, object] | None = None,
                  lost: Callable[[Message], bool] | None = None) -> None:
         self.client_app, self.lost = client_app, lost
-        self.contexts = {
-            part + 1: Context(run_id=1, node_id=part + 1, state=RecordDict(), run_config={},
-                              node_config={"partition-id": part, "num-partitions": nodes, **(node_config or {})})
-            for part in range(nodes)}
+        self.nodes, self.node_config = nodes, node_config or {}
+        self.contexts: dict[int, Context] = {}
+        for part in range(nodes):
+            self.connect(part)
         self.traffic: list[Delivery] = []
         self._run = None
         self._outer: tuple[object, object, object] | None = None
+
+    def connect(self, partition: int) -> int:
+        """A node holding ``partition`` joins under a new id (ids count up from 1); its id."""
+        node = max(self.contexts, default=0) + 1
+        self.contexts[node] = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                                      node_config={"partition-id": partition, "num-partitions": self.nodes,
+                                                   **self.node_config})
+        return node
+
+    def disconnect(self, node: int) -> None:
+        """Node ``node`` leaves: it is no longer listed, and a message to it gets an error reply."""
+        del self.contexts[node]
 
     def __enter__(self) -> LocalGrid:
         self._outer = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
@@ -85,16 +99,19 @@ class LocalGrid(Grid):
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
-            context = self.contexts[node]
-            try:
-                answer = self.client_app(message, context)
-            except Exception as error:  # as a SuperNode does: the server gets an error reply
-                reason = f"{type(error).__name__}: {error}"
-                answer = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
+            context = self.contexts.get(node)
+            if context is None:  # as the SuperLink answers for a node that went offline
+                answer = Message(Error(ErrorCode.NODE_UNAVAILABLE, f"node {node} is offline"), reply_to=message)
+            else:
+                try:
+                    answer = self.client_app(message, context)
+                except Exception as error:  # as a SuperNode does: the server gets an error reply
+                    reason = f"{type(error).__name__}: {error}"
+                    answer = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=message)
             lost = self.lost is not None and self.lost(message)
-            self.traffic.append(Delivery(message.metadata.message_type, node, int(context.node_config.get("partition-id", -1)),
-                                         message.metadata.group_id, array_bytes(message),
-                                         0 if lost else array_bytes(answer)))
+            partition = int(context.node_config.get("partition-id", -1)) if context is not None else -1
+            self.traffic.append(Delivery(message.metadata.message_type, node, partition, message.metadata.group_id,
+                                         array_bytes(message), 0 if lost or context is None else array_bytes(answer)))
             if not lost:
                 replies.append(answer)
         return replies

@@ -3,9 +3,11 @@
 Message types (Flower routes ``<category>.<action>`` to the client app's handler):
 
 - ``query.partition``: which partition a node holds (its ``node-config``), sent once.
-- ``train``: one client's round: the sub-model for its rate (one ``ArrayRecord`` per rate,
-  shared by every message of that rate) and the client's user, rate and round.
-  The reply holds the trained sub-model and the client's training sums.
+- ``train``: one client's round: its sub-model (under static extraction one ``ArrayRecord``
+  per rate, shared by every message of that rate), the client's user, rate and round, and,
+  where sub-models are not shared by rate (rolling, random), ``held``: the client's own index
+  sets, which global channels each axis of each tensor holds (the node checks its sub-model
+  against them). The reply holds the trained sub-model and the client's training sums.
 - ``query.sbn``: the global model; the reply holds, per user the node hosts, the sums of
   its sBN pass over its own data (``sbn_source=clients``).
 
@@ -22,7 +24,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from heterofl_core.config import ExperimentConfig
-from heterofl_core.slicing import State
+from heterofl_core.slicing import Holding, State
+
 
 @dataclass(frozen=True)
 class DataChoice:
@@ -47,6 +50,24 @@ def to_record(state: State) -> ArrayRecord:
 def from_record(record: ArrayRecord, device: torch.device | str = "cpu") -> State:
     """An ``ArrayRecord`` back as a state dict on ``device`` (writable tensors, exactly the values sent)."""
     return {key: value.clone().to(device) for key, value in record.to_torch_state_dict().items()}
+
+
+def held_record(holding: dict[str, Holding]) -> ArrayRecord:
+    """A client's index sets as a record: ``"<tensor>|<axis>"`` -> the global indices that axis holds."""
+    return ArrayRecord({f"{key}|{axis}": index.cpu() for key, held in holding.items()
+                        for axis, index in enumerate(held.index)})
+
+
+def check_held(sub_state: State, held: ArrayRecord) -> None:
+    """Raise ValueError unless every tensor of ``sub_state`` has the shape its index sets in ``held`` give."""
+    lengths: dict[str, dict[int, int]] = {}
+    for name, index in held.to_torch_state_dict().items():
+        key, axis = name.rsplit("|", 1)
+        lengths.setdefault(key, {})[int(axis)] = len(index)
+    for key, value in sub_state.items():
+        shape = [length for _, length in sorted(lengths.get(key, {}).items())]
+        if list(value.shape) != shape:
+            raise ValueError(f"the sub-model's {key} has shape {list(value.shape)}, but its index sets give {shape}")
 
 
 def instruction(cfg: ExperimentConfig, data: DataChoice, **fields: int | float | str) -> ConfigRecord:

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from heterofl_core.config import ExperimentConfig, parse_control, parse_overrides
 from heterofl_core.federated import Federation, PhaseTimer, run_experiment
+from heterofl_core.server import check_required
 from heterofl_core.slicing import State
 
 from .client_app import experiment_data
@@ -47,25 +48,44 @@ class FlowerRun:
     connect_timeout: float = 300.0  # seconds to wait for the nodes to connect
     train_samples: int | None = None  # a seeded subset of the data (experiments.subset); None: all of it
     test_samples: int | None = None
+    required: str = "widest"  # replies below this make a round short (heterofl_core.server.reply_counts)
 
     @classmethod
     def from_run_config(cls, config: dict[str, object]) -> FlowerRun:
-        """From a Flower run config (``flwr run --run-config``): ``data``, ``control``, ``supernodes``,
-        ``out`` and optionally ``rounds``, ``local-epochs``, ``seed``, ``set`` ("KEY=VALUE KEY=VALUE"),
-        ``resume``, ``data-root``, ``device``, ``timeout`` (0: wait for every reply)."""
+        """From a Flower run config (``flwr run --run-config``); its keys are :data:`RUN_CONFIG_KEYS`,
+        each declared with its default in the app's pyproject.toml."""
         missing = [key for key in ("data", "control", "supernodes", "out") if key not in config]
         if missing:
             raise ValueError(f"the run config lacks {', '.join(missing)}; e.g. flwr run <app> <superlink> --run-config "
                              f"'data=\"MNIST\" control=\"1_10_0.5_iid_fix_a1-e1_bn_1_1\" supernodes=2 out=\"runs/x\"'")
+        if unknown := sorted(set(config) - set(RUN_CONFIG_KEYS)):
+            raise ValueError(f"unknown run-config keys {unknown}; valid: {', '.join(RUN_CONFIG_KEYS)}")
         overrides = parse_overrides(shlex.split(str(config.get("set", ""))))
         for key, field in (("rounds", "rounds"), ("local-epochs", "local_epochs"), ("seed", "seed")):
             if key in config and (key == "seed" or int(config[key]) > 0):  # type: ignore[arg-type]  # 0: the paper's
                 overrides[field] = int(config[key])  # type: ignore[arg-type]
         cfg = parse_control(str(config["control"]), str(config["data"]), **overrides)
-        timeout = float(config.get("timeout", 0))  # type: ignore[arg-type]
-        return cls(cfg, str(config["out"]), int(config["supernodes"]), bool(config.get("resume", False)),  # type: ignore[arg-type]
+
+        def number(key: str) -> int | None:  # 0: none
+            return int(config.get(key, 0)) or None  # type: ignore[call-overload]
+
+        return cls(cfg, str(config["out"]), int(config["supernodes"]), bool(config.get("resume", False)),  # type: ignore[call-overload]
                    str(config.get("data-root", "")) or None, str(config.get("device", "auto")), quiet=True,
-                   mode="deployment", timeout=timeout or None)
+                   mode="deployment", timeout=float(config.get("timeout", 0)) or None,  # type: ignore[arg-type]
+                   train_samples=number("train-samples"), test_samples=number("test-samples"),
+                   required=check_required(str(config.get("short-round", "widest"))))
+
+
+RUN_CONFIG_KEYS = {  # a deployment's run-config keys (flwr run --run-config), as the app's pyproject.toml declares them
+    "data": "the dataset", "control": "the control string", "supernodes": "nodes to wait for before round 1",
+    "out": "the run folder", "rounds": "rounds (0: the paper's)", "local-epochs": "local epochs (0: the paper's)",
+    "seed": "the seed", "set": "more config fields, \"KEY=VALUE KEY=VALUE\"", "resume": "continue the run in out",
+    "data-root": "the server's data root (\"\": the library's rule)", "device": "the server's device",
+    "timeout": "seconds to wait for a round's replies (0: all)",
+    "train-samples": "a seeded subset of N training samples (0: all)",
+    "test-samples": "a seeded subset of N test samples (0: all)",
+    "short-round": "replies below which a round is recorded short: widest, all or a share",
+}
 
 
 class FlowerRounds:
@@ -76,7 +96,7 @@ class FlowerRounds:
         self.strategy, self.grid = strategy, grid
 
     def __call__(self, state: State, round_: int) -> tuple[State, dict[str, float]]:
-        strategy, cfg = self.strategy, self.strategy.federation.cfg
+        strategy = self.strategy
         timer = PhaseTimer(strategy.federation.device)
         with timer.phase("round"):
             record = strategy.record if state is strategy.state and strategy.record is not None else to_record(state)
@@ -87,7 +107,7 @@ class FlowerRounds:
             with timer.phase("aggregate"):
                 arrays, trained = strategy.aggregate_train(round_, replies)
             tested: dict[str, float] = {}
-            if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
+            if strategy.steps.evaluates(round_):
                 tested = dict(strategy.evaluate(round_, arrays, self.grid, timer))
         return strategy.state, {**tested, **dict(trained), **timer.report()}
 
@@ -100,7 +120,7 @@ def serve(grid: Grid, run: FlowerRun) -> pd.DataFrame:
     data = experiment_data(run.cfg.dataset, run.data_root, run.train_samples, run.test_samples)
 
     def rounds_by(federation: Federation) -> FlowerRounds:
-        strategy = HeteroFLStrategy(federation, choice, run.timeout)
+        strategy = HeteroFLStrategy(federation, choice, run.timeout, run.required)
         strategy.nodes = partitions(grid, run.connect_timeout)  # before the first round: not in its time
         return FlowerRounds(strategy, grid)
 

@@ -1,15 +1,17 @@
 """The server side of HeteroFL as a Flower strategy (``flwr.serverapp.strategy.Strategy``).
 
-It holds the experiment (:class:`~heterofl_core.federated.Federation`) and does each step
-of a round with the library's code, so a round through Flower is the in-process round:
+A thin driver of the library's server steps (heterofl_core.server.RoundSteps), the very
+steps the in-process loop calls, with Flower's messages in between:
 
-- :meth:`configure_train`: the round's plan from the run's seed (``Federation.plan_round``
-  with the round's generator, not Flower's unseeded sampling); the sub-model of each rate
-  (``Slicer.split``), packed once per rate; one message per client the plan trains (under
-  ``participants=widest`` the others sit out and get none), to the node hosting that user.
-- :meth:`aggregate_train`: the library's count rule (``aggregation.aggregate``) over the
-  clients that replied, in the plan's order; a client that did not reply simply does not
-  count (the rule's untouched entries keep their value).
+- :meth:`configure_train`: the nodes connected now (the map of partitions is refreshed every
+  round, so a restarted node gets work again), the round's plan among the users they host
+  (``RoundSteps.configure``: the seeded plan; with every node connected, the in-process one)
+  and one ``train`` message per client, to the node hosting that user. A static width's
+  clients share one packed sub-model; under rolling and random extraction each message
+  carries the client's own sub-model and index sets.
+- :meth:`aggregate_train`: the count rule over the clients that replied (``RoundSteps.aggregate``;
+  a missing reply is a client fewer), the training metrics, and who was asked and who
+  replied per level, with ``short_round`` when the replies fall below the threshold.
 - :meth:`evaluate`: Global and Local metrics on the server's test set, after the sBN
   statistics: a pass over the training set (``sbn_source=server``) or the nodes' own
   passes, asked for with ``query.sbn`` and added in user order (``sbn_source=clients``).
@@ -22,7 +24,6 @@ evaluate_fn=strategy.evaluate_fn(grid))``) or with the library's run folder loop
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from typing import Callable, Iterable
 
 import torch
@@ -30,86 +31,88 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from heterofl_core.aggregation import aggregate
-from heterofl_core.federated import Federation, PhaseTimer, RoundPlan, add_states, round_generator
+from heterofl_core.federated import Federation, PhaseTimer
+from heterofl_core.seeds import round_generator
+from heterofl_core.server import RoundSetup, RoundSteps, check_required, reply_counts
 from heterofl_core.slicing import State
-from heterofl_core.training import TrainStats, load_sbn_sums
+from heterofl_core.training import TrainStats
 
-from .messages import PARTITION, SBN, TRAIN, DataChoice, from_record, instruction, to_record
+from .messages import PARTITION, SBN, TRAIN, DataChoice, from_record, held_record, instruction, to_record
 
 log = logging.getLogger(__name__)
 
 
 class HeteroFLStrategy(Strategy):
-    """HeteroFL's server: seeded sampling, one sub-model per rate, the count rule, sBN and evaluation."""
+    """HeteroFL's server: seeded sampling among connected nodes, the round's sub-models, the count rule,
+    sBN and evaluation."""
 
-    def __init__(self, federation: Federation, data: DataChoice = DataChoice(), timeout: float | None = None) -> None:
-        if federation.cfg.extraction != "static":
-            raise ValueError(f"extraction={federation.cfg.extraction!r} does not run on Flower yet (one sub-model per "
-                             f"rate is sent); use extraction=static, or heterofl run")
+    def __init__(self, federation: Federation, data: DataChoice = DataChoice(), timeout: float | None = None,
+                 required: str = "widest") -> None:
         self.federation = federation
+        self.steps = RoundSteps(federation)
         self.data = data  # the nodes' data (a root for nodes whose node-config names none, the subset)
         self.timeout = timeout  # seconds to wait for replies (None: until all arrive)
-        self.nodes: dict[int, int] = {}  # partition -> node id
-        self.plan: RoundPlan | None = None
-        self.generator: torch.Generator | None = None  # the round's: sampling, then sBN and evaluation
+        self.required = check_required(required)  # replies below this make a short round (server.reply_counts)
+        self.nodes: dict[int, int] = {}  # partition -> node id, of the nodes connected
+        self.parts: int | None = None  # how many partitions the users are spread over
+        self.setup: RoundSetup | None = None
         self.state: State = {}
         self.record: ArrayRecord | None = None  # the record self.state was read from or packed into
-        self.bytes_sent: dict[float, int] = {}  # per rate: one sub-model's bytes this round
+        self.bytes_sent: dict[float, int] = {}  # per rate: the largest sub-model's bytes this round
 
     # -- training ---------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """One ``train`` message per client the round's seeded plan samples."""
+        """One ``train`` message per client of the round's seeded plan among the connected nodes' users."""
         federation = self.federation
         self._hold(arrays)
-        if not self.nodes:
-            self.nodes = partitions(grid, self.timeout)
-        self.generator = round_generator(federation.cfg.seed, server_round, federation.device)
-        self.plan = federation.plan_round(server_round, self.generator)
-        records = {rate: to_record(federation.slicer.split(self.state, rate)) for rate in dict.fromkeys(self.plan.rates)}
-        self.bytes_sent = {rate: record.count_bytes() for rate, record in records.items()}
+        self.refresh_nodes(grid)
+        users = range(len(federation.fixed_levels))
+        self.setup = setup = self.steps.configure(self.state, server_round,
+                                                  available={u for u in users if self.hosted(u)})
+        if setup.skipped:
+            log.warning("round %d: users %s were sampled but their nodes are not connected; sampled users %s instead",
+                        server_round, setup.skipped, setup.plan.users)
+        records: dict[int, ArrayRecord] = {}  # id of a sub-model -> its record: packed once per group
+        self.bytes_sent = {}
         messages = []
-        for user, rate in zip(self.plan.users, self.plan.rates):
-            fields = instruction(federation.cfg, self.data, user=user, rate=rate, round=server_round)
-            content = RecordDict({"arrays": records[rate], "config": fields})
-            messages.append(Message(content, dst_node_id=self.node_of(user), message_type=TRAIN,
+        for task in setup.tasks:
+            record = records.setdefault(id(task.sub_state), to_record(task.sub_state))
+            self.bytes_sent[task.rate] = max(self.bytes_sent.get(task.rate, 0), record.count_bytes())
+            content = RecordDict({"arrays": record, "config": instruction(federation.cfg, self.data, user=task.user,
+                                                                          rate=task.rate, round=server_round)})
+            if task.holding is not None:
+                content["held"] = held_record(task.holding)
+            messages.append(Message(content, dst_node_id=self.node_of(task.user), message_type=TRAIN,
                                     group_id=str(server_round)))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
-        """The count rule over the clients that replied, in the plan's order."""
-        assert self.plan is not None and self.plan.round == server_round, "configure_train first"
-        federation, plan = self.federation, self.plan
-        by_user: dict[int, Message] = {}
+        """The count rule over the clients that replied, the training metrics, and who replied per level."""
+        setup = self.setup
+        assert setup is not None and setup.round == server_round, "configure_train first"
+        device = self.federation.device
+        trained: dict[int, State] = {}
+        stats: dict[int, TrainStats] = {}
         for message in replies:
             if message.has_error():
                 log.warning("round %d: a node failed: %s", server_round, message.error.reason)
-            else:
-                by_user[int(message.content["metrics"]["user"])] = message
-        kept = [i for i, user in enumerate(plan.users) if user in by_user]
-        states = [from_record(by_user[plan.users[i]].content["arrays"], federation.device) for i in kept]
-        self.state = aggregate(federation.slicer, self.state, states, [plan.rates[i] for i in kept],
-                               [federation.labels[plan.users[i]] for i in kept])
+                continue
+            sums = message.content["metrics"]
+            user = int(sums["user"])
+            trained[user] = from_record(message.content["arrays"], device)
+            stats[user] = TrainStats(torch.tensor(sums["loss_sum"], dtype=torch.float32),
+                                     torch.tensor(sums["correct"], dtype=torch.float32), int(sums["count"]))
+        self.state = self.steps.aggregate(self.state, setup, trained)
         self.record = to_record(self.state)
-        stats = self._train_stats([by_user[plan.users[i]] for i in kept], [plan.rates[i] for i in kept])
-        metrics = MetricRecord({**stats.metrics(), "lr": plan.lr, "clients_trained": len(kept),
-                                "train_replies": len(kept)})
-        return self.record, metrics
-
-    def _train_stats(self, replies: list[Message], rates: list[float]) -> TrainStats:
-        """The clients' sums, added as the in-process loop adds them: by width, then in plan order."""
-        widths: dict[float, list[Message]] = defaultdict(list)
-        for message, rate in zip(replies, rates):
-            widths[rate].append(message)
-        stats = TrainStats.zero(self.federation.device)
-        for members in widths.values():
-            for message in members:
-                sums = message.content["metrics"]
-                stats = stats.add(TrainStats(torch.tensor(sums["loss_sum"], dtype=torch.float32),
-                                             torch.tensor(sums["correct"], dtype=torch.float32), int(sums["count"])))
-        return stats
+        counts = reply_counts(setup, trained, self.required)
+        missing = [task.user for task in setup.tasks if task.user not in trained]
+        if missing:
+            log.warning("round %d: no reply from users %s%s", server_round, missing,
+                        " (a short round: below the threshold %r)" % self.required if counts["short_round"] else "")
+        total = self.steps.add_stats(setup, stats, device)
+        return self.record, MetricRecord({**self.steps.training_metrics(setup, total, len(trained)), **counts})
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -119,16 +122,15 @@ class HeteroFLStrategy(Strategy):
         federation = self.federation
         timer = timer or PhaseTimer(federation.device)
         self._hold(arrays)
-        generator = self.generator if self.plan is not None and self.plan.round == server_round else \
+        setup = self.setup
+        generator = setup.generator if setup is not None and setup.round == server_round else \
             round_generator(federation.cfg.seed, server_round, federation.device)
         with timer.phase("sbn" if federation.uses_sbn else "eval"):
-            if federation.uses_sbn and federation.cfg.sbn_source == "clients":
-                model = federation.evaluation_copy(self.state)
-                load_sbn_sums(model, add_states(self.clients_sbn_sums(server_round, grid)))
-            else:
-                model = federation.evaluation_model(self.state, generator, server_round)
+            sums = self.clients_sbn_sums(server_round, grid) if federation.uses_sbn and \
+                federation.cfg.sbn_source == "clients" else None
+            model = self.steps.statistics_model(self.state, server_round, generator, sums)
         with timer.phase("eval"):
-            return MetricRecord(federation.workload.evaluate(model, generator))
+            return MetricRecord(self.steps.evaluate(model, generator))
 
     def evaluate_fn(self, grid: Grid) -> Callable[[int, ArrayRecord], MetricRecord]:
         """:meth:`evaluate` as the ``evaluate_fn`` of Flower's ``Strategy.start``."""
@@ -166,9 +168,36 @@ class HeteroFLStrategy(Strategy):
 
     # -- nodes ------------------------------------------------------------------------------
 
+    def refresh_nodes(self, grid: Grid) -> None:
+        """The map of partitions to the nodes connected now. The first time, every partition must be
+        held (:func:`partitions`); later, nodes that left are dropped and nodes that joined are asked
+        their partition: a restarted node (a new node id) takes its partition over and gets work again."""
+        if self.parts is None:
+            self.nodes = self.nodes or partitions(grid, self.timeout)
+            self.parts = len(self.nodes)
+            return
+        connected = set(grid.get_node_ids())
+        if gone := {part: node for part, node in self.nodes.items() if node not in connected}:
+            log.warning("nodes %s (partitions %s) are no longer connected", sorted(gone.values()), sorted(gone))
+        self.nodes = {part: node for part, node in self.nodes.items() if node in connected}
+        for node, answer in ask_partitions(grid, connected - set(self.nodes.values()), self.timeout):
+            if isinstance(answer, str):
+                log.warning("node %d joined but could not say its partition: %s", node, answer)
+            elif answer[1] != self.parts:
+                log.warning("node %d joined with %d partitions, not this run's %d: it gets no work", node, answer[1],
+                            self.parts)
+            else:
+                if answer[0] in self.nodes:
+                    log.warning("node %d takes partition %d over from node %d", node, answer[0], self.nodes[answer[0]])
+                self.nodes[answer[0]] = node
+
+    def hosted(self, user: int) -> bool:
+        """Whether the node hosting ``user`` is connected."""
+        return user % (self.parts or len(self.nodes)) in self.nodes
+
     def node_of(self, user: int) -> int:
         """The node hosting ``user``: partition ``user mod P``."""
-        return self.nodes[user % len(self.nodes)]
+        return self.nodes[user % (self.parts or len(self.nodes))]
 
     def _hold(self, arrays: ArrayRecord) -> None:
         """Make ``self.state`` the global model in ``arrays`` (unpacked only when it is not ours)."""
@@ -177,20 +206,32 @@ class HeteroFLStrategy(Strategy):
             self.record = arrays
 
 
+def ask_partitions(grid: Grid, nodes: Iterable[int], timeout: float | None) -> list[tuple[int, tuple[int, int] | str]]:
+    """Ask ``nodes`` which partition each holds: ``(node id, (partition-id, num-partitions))``, or
+    ``(node id, the error's reason)`` for a node that failed to say."""
+    messages = [Message(RecordDict({}), dst_node_id=node, message_type=PARTITION) for node in nodes]
+    answers: list[tuple[int, tuple[int, int] | str]] = []
+    for message in grid.send_and_receive(messages, timeout=timeout) if messages else []:
+        node = message.metadata.src_node_id
+        if message.has_error():
+            answers.append((node, message.error.reason))
+        else:
+            fields = message.content["partition"]
+            answers.append((node, (int(fields["partition-id"]), int(fields["num-partitions"]))))
+    return answers
+
+
 def partitions(grid: Grid, timeout: float | None) -> dict[int, int]:
     """Ask every connected node which partition it holds: ``{partition: node id}``, checked complete."""
-    messages = [Message(RecordDict({}), dst_node_id=node, message_type=PARTITION) for node in grid.get_node_ids()]
     found: dict[int, int] = {}
     totals = set()
-    for message in grid.send_and_receive(messages, timeout=timeout):
-        if message.has_error():
-            raise RuntimeError(f"node {message.metadata.src_node_id} could not say its partition: "
-                               f"{message.error.reason}")
-        fields = message.content["partition"]
-        part, total = int(fields["partition-id"]), int(fields["num-partitions"])
+    for node, answer in ask_partitions(grid, grid.get_node_ids(), timeout):
+        if isinstance(answer, str):
+            raise RuntimeError(f"node {node} could not say its partition: {answer}")
+        part, total = answer
         if part in found:
             raise RuntimeError(f"two nodes hold partition {part}; give each node its own partition-id")
-        found[part], totals = message.metadata.src_node_id, totals | {total}
+        found[part], totals = node, totals | {total}
     if not found or len(totals) != 1 or set(found) != set(range(max(totals))):
         raise RuntimeError(f"the nodes hold partitions {sorted(found)} of {sorted(totals)}; every partition "
                            f"0..N-1 of one N must be held by one node")

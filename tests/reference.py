@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heterofl_core.models import build_model
+from heterofl_core.families import build_model
 from heterofl_core.slicing import Slicer
 
 LEVELS = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}

@@ -11,7 +11,8 @@ from heterofl_core.bench import MIXTURES, format_report, loop_split, run_benchma
 from heterofl_core.cli import build_parser, main
 from heterofl_core.config import EXTRACTIONS
 from heterofl_core.data import ImageData
-from heterofl_core.training import fast_layout, sbn_statistics
+from heterofl_core.machine import fast_layout
+from heterofl_core.training import sbn_statistics
 from reference import FAMILIES, LEVELS, TINY, builder, slicer_for
 from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 

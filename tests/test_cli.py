@@ -41,6 +41,14 @@ def offline(monkeypatch):
     monkeypatch.setattr("torchvision.datasets.MNIST.download", no_network)
 
 
+@pytest.fixture(autouse=True)
+def heap_opt_ins(monkeypatch) -> list[str]:
+    """The program's opt-in to glibc heap reuse, recorded instead of done (it would last for this test process)."""
+    calls: list[str] = []
+    monkeypatch.setattr("heterofl_core.machine.reuse_host_memory", lambda: calls.append("reuse"))
+    return calls
+
+
 @pytest.fixture
 def mnist_root(tmp_path) -> Path:
     root = tmp_path / "data"
@@ -272,6 +280,17 @@ def test_run_with_progress_prints_round_lines_with_times(capsys, tmp_path, mnist
         assert re.search(r"\| \d+\.\d\d s \(local training \d+\.\d\d", line), line
     assert "finished 2 rounds" in captured.out.strip().splitlines()[-1]
     assert json.loads((tmp_path / "out" / "run.json").read_text())["config"]["lr"] == 0.05
+
+
+def test_the_run_program_opts_its_own_process_into_heap_reuse_unless_told_not_to(tmp_path, mnist_root, heap_opt_ins,
+                                                                                   capsys):
+    assert main(run_args(mnist_root, tmp_path / "a", "--quiet")) == 0
+    assert heap_opt_ins == ["reuse"]
+    assert main(run_args(mnist_root, tmp_path / "b", "--quiet", "--no-reuse-host-memory")) == 0
+    assert heap_opt_ins == ["reuse"]
+    help_text = subprocess.run([sys.executable, "-m", "heterofl_core", "run", "--help"], capture_output=True, text=True,
+                               timeout=120).stdout
+    assert "this program opts in by default" in " ".join(help_text.split())
 
 
 # ---------------------------------------------------------------- the installed entry points

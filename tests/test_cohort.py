@@ -11,7 +11,8 @@ from heterofl_core.config import parse_control
 from heterofl_core.data import ImageData
 from heterofl_core.federated import Federation
 from heterofl_core.losses import label_mask
-from heterofl_core.training import fast_layout, train_client, training_layout
+from heterofl_core.machine import fast_layout, training_layout
+from heterofl_core.training import train_client
 from reference import LEVELS, TINY, builder
 from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
@@ -98,7 +99,7 @@ def test_cohort_equals_one_by_one_other_norms_without_mask(norm):
 
 
 def test_models_with_strided_convolutions_train_nchw():
-    """NHWC weight gradients of strided 1x1 convolutions corrupt the heap in PyTorch 2.14 (training.training_layout)."""
+    """NHWC weight gradients of strided 1x1 convolutions corrupt the heap in PyTorch 2.14 (machine.training_layout)."""
     resnet, conv = builder("resnet18", **TINY["resnet18"])(0.5), builder("conv", **TINY["conv"])(0.5)
     assert training_layout(resnet) == training_layout(grouped_model(resnet)) == torch.contiguous_format
     assert training_layout(conv) == training_layout(grouped_model(conv)) == torch.channels_last

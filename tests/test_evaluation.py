@@ -19,7 +19,7 @@ from heterofl_core import training
 from heterofl_core.config import ExperimentConfig, parse_control
 from heterofl_core.data import TextData
 from heterofl_core.evaluation import global_chance, image_metrics, local_chance, masked_log_partition, perplexity_summary, text_window_metrics
-from heterofl_core.models import model_builder
+from heterofl_core.families import model_builder
 from heterofl_core.splits import split_clients
 from heterofl_core.training import sbn_statistics, scheduled_lr, train_client
 from heterofl_core.workloads import TextWorkload

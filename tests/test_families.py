@@ -15,10 +15,9 @@ from torch import nn
 from heterofl_core.cli import main
 from heterofl_core.config import LEVEL_RATES, ConfigError, ExperimentConfig, parse_control
 from heterofl_core.data import ImageData
-from heterofl_core.families import (FAMILIES, ModelFamily, family_for_dataset, get_family, register_family,
-                                    unregister_family)
+from heterofl_core.families import (FAMILIES, ModelFamily, family_for_dataset, get_family, model_builder,
+                                    register_family, unregister_family)
 from heterofl_core.federated import run_experiment
-from heterofl_core.models import model_builder
 from heterofl_core.models.layers import make_scaler, width
 from heterofl_core.sizes import level_size, mixture_sizes
 from heterofl_core.slicing import FULL, LABELS, PREFIX, Axes, Heads, Slicer, default_axes, module_axes

@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from heterofl_core import federated
+from heterofl_core import federated, server
 from heterofl_core.cohort import CohortRule
 from heterofl_core.config import LEVEL_RATES, ExperimentConfig, assign_fixed_levels, parse_control
 from heterofl_core.data import load_dataset
+from heterofl_core.families import model_builder
 from heterofl_core.federated import Federation, round_generator, run_experiment
-from heterofl_core.models import model_builder
 from heterofl_core.runs import BEST_LABEL, METRIC_COLUMNS, RunError, read_metrics
 from fakes import write_tiny_corpus, write_tiny_mnist
 from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
@@ -221,8 +221,8 @@ def record_assignments(monkeypatch, cfg: ExperimentConfig, data, rounds: int) ->
         trained.append(user)
         return client_batches(user, generator)
 
-    def recording_plan(round_, generator):
-        plans.append(plan_round(round_, generator))
+    def recording_plan(round_, generator, available=None):
+        plans.append(plan_round(round_, generator, available))
         return plans[-1]
 
     def recording_aggregate(slicer, state, client_states, rates, labels):
@@ -232,10 +232,10 @@ def record_assignments(monkeypatch, cfg: ExperimentConfig, data, rounds: int) ->
         per_round.append(list(zip(plan.users, rates)))
         return aggregate(slicer, state, client_states, rates, labels)
 
-    aggregate = federated.aggregate
+    aggregate = server.aggregate
     monkeypatch.setattr(fed.workload, "client_batches", recording_batches)
     monkeypatch.setattr(fed, "plan_round", recording_plan)
-    monkeypatch.setattr(federated, "aggregate", recording_aggregate)
+    monkeypatch.setattr(server, "aggregate", recording_aggregate)
     state = fed.initial_state()
     for round_ in range(1, rounds + 1):
         state, _ = fed.run_round(state, round_)
@@ -372,16 +372,16 @@ def test_centralised_run(mnist):
 def capture_round(monkeypatch, federation: Federation, state, round_: int) -> tuple[list[int], list[float], list[dict]]:
     """The users, rates and trained client states of one round, as aggregation receives them."""
     seen = {}
-    real = federated.aggregate
+    real = server.aggregate
 
     def recording(slicer, global_state, client_states, rates, label_sets):
         seen.update(states=client_states, rates=list(rates))
         return real(slicer, global_state, client_states, rates, label_sets)
 
-    monkeypatch.setattr(federated, "aggregate", recording)
+    monkeypatch.setattr(server, "aggregate", recording)
     plan = federation.plan_round(round_, federated.round_generator(federation.cfg.seed, round_, federation.device))
     federation.run_round(state, round_)
-    monkeypatch.setattr(federated, "aggregate", real)
+    monkeypatch.setattr(server, "aggregate", real)
     return plan.users, seen["rates"], seen["states"]
 
 

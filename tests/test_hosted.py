@@ -7,6 +7,7 @@ with ``HETEROFL_SOURCE`` naming a wheel built here; its set-up cell installs the
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,13 +21,19 @@ import pytest
 from heterofl_core.data import repo_root
 
 pytestmark = pytest.mark.slow
+PACKAGED = {"pyproject.toml", "README.md", "LICENSE", "heterofl_core", "heterofl_flower"}  # what the wheel is built from
 
 
 def test_a_fresh_environment_installs_the_project_and_runs_notebook_01(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # built from a copy of the package's sources: a build writes build/ and *.egg-info beside them, which must not
+    # land in the checkout (an egg-info there shadows the installed package's metadata, entry points included)
+    source = tmp_path / "source"
+    shutil.copytree(repo_root(), source, ignore=lambda folder, names: [n for n in names if n not in PACKAGED]
+                    if Path(folder) == repo_root() else shutil.ignore_patterns("__pycache__")(folder, names))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(wheels), str(repo_root())], check=True, cwd=tmp_path)
+                    "--wheel-dir", str(wheels), str(source)], check=True, cwd=tmp_path)
     (wheel,) = wheels.glob("heterofl-*.whl")
 
     fresh = tmp_path / "fresh"

@@ -11,7 +11,8 @@ from torch import nn
 
 from heterofl_core.config import parse_control
 from heterofl_core.losses import cross_entropy, label_mask, masked_logits
-from heterofl_core.models import Conv, PreActResNet18, Transformer, build_model, mask_tokens, model_builder
+from heterofl_core.families import build_model, model_builder
+from heterofl_core.models import Conv, PreActResNet18, Transformer, mask_tokens
 from heterofl_core.models.layers import Scaler, make_norm, make_scaler, width
 from reference import (FAMILIES, LEVELS, RATES, SMALL_VOCAB, builder, reference_conv_forward,
                        reference_resnet_forward, reference_transformer_forward)

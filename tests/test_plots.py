@@ -24,7 +24,7 @@ from heterofl_core.config import LEVEL_RATES  # noqa: E402
 from heterofl_core import experiments as ex  # noqa: E402
 from heterofl_core.experiments import (  # noqa: E402
     DataSpec, Scale, interpolation_experiments, interpolation_modes, interpolation_points)
-from heterofl_core.models import build_model  # noqa: E402
+from heterofl_core.families import build_model  # noqa: E402
 from heterofl_core.slicing import Slicer  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from heterofl_core.config import LEVEL_RATES, parse_model_mode
-from heterofl_core.models import build_model
+from heterofl_core.families import build_model
 from heterofl_core.sizes import (
     ModelSize,
     count_flops_authors,

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heterofl_core.models import build_model
+from heterofl_core.families import build_model
 from heterofl_core.slicing import FULL, LABELS, PREFIX, Heads, Slicer
 from reference import axis_indices, grid
 from reference import (FAMILIES, HEADS, LEVELS, RATES, builder, reference_local_size, reference_rules,
