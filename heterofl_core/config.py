@@ -50,7 +50,7 @@ class ExperimentConfig:
     federated: bool = True  # fed=0 trains one model centrally on all data (data split "none")
     num_users: int = 100
     frac: float = 0.1  # share of users active per round: ceil(frac * num_users)
-    data_split: str = "iid"  # iid | non-iid-N | none
+    data_split: str = "iid"  # iid | non-iid-N | dirALPHA | none
     model_split: str = "fix"  # fix: a level per user for the whole run; dynamic: drawn every round
     model_mode: tuple[tuple[str, int], ...] = (("a", 1),)  # (level, proportion); first = global level
     norm: str = "bn"  # bn (static BN), in, ln, gn, none; the transformer always uses LayerNorm (name only)
@@ -249,7 +249,7 @@ def _validate_family(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{field.name}={value!r} applies only to model {' / '.join(readers)}, not to "
                               f"{cfg.model!r}: leave it at its default ({field.default!r})")
     if family.data_kind == "text":
-        if cfg.data_split.startswith("non-iid"):
+        if cfg.data_split not in ("iid", "none"):
             raise ConfigError(f"text corpus {cfg.dataset!r} supports only the iid split (user i owns row i), "
                               f"got {cfg.data_split!r}")
         if cfg.batch_size_train != cfg.num_users:
@@ -267,11 +267,28 @@ def _validate_data_split(split: str, federated: bool) -> None:
         raise ConfigError(f"centralised training (fed=0) takes data split 'none', got {split!r}")
     if split == "iid":
         return
+    if split.startswith("dir"):
+        if dirichlet_alpha(split) is None:
+            raise ConfigError(f"{split!r}: a Dirichlet split is dirALPHA with ALPHA > 0, e.g. dir0.3 (small: few "
+                              f"labels per user; large: near iid)")
+        return
     match = re.fullmatch(r"non-iid-(\d+)", split)
     if not match:
-        raise ConfigError(f"unknown data split {split!r}; valid: iid, non-iid-N (N >= 1 labels per user), none")
+        raise ConfigError(f"unknown data split {split!r}; valid: iid, non-iid-N (N >= 1 labels per user), dirALPHA "
+                          f"(Dirichlet label skew, ALPHA > 0, e.g. dir0.3), none")
     if int(match.group(1)) < 1:
         raise ConfigError(f"{split!r}: a non-iid split needs N >= 1 labels per user, e.g. non-iid-2")
+
+
+def dirichlet_alpha(data_split: str) -> float | None:
+    """ALPHA of a ``dirALPHA`` split (Dirichlet label skew, e.g. ``dir0.3``), None for any other split or a bad ALPHA."""
+    if not data_split.startswith("dir"):
+        return None
+    try:
+        alpha = float(data_split.removeprefix("dir"))
+    except ValueError:
+        return None
+    return alpha if 0 < alpha < float("inf") else None
 
 
 def labels_per_user(data_split: str) -> int | None:
@@ -399,7 +416,7 @@ def paper_preset(dataset: str, data_split: str = "iid") -> dict[str, Any]:
     dataset's family (:func:`families.family_for_dataset`). A dataset the paper did not use keeps
     the config's defaults."""
     family = _dataset_family(dataset)
-    model, non_iid = family.name, data_split.startswith("non-iid")
+    model, non_iid = family.name, data_split.startswith(("non-iid", "dir"))  # label skew: the non-iid settings
     if dataset == "MNIST":
         return dict(model=model, lr=0.01, rounds=400 if non_iid else 200, local_epochs=5,
                     batch_size_train=10, batch_size_test=50, milestones=(200,) if non_iid else (100,))

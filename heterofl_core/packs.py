@@ -26,7 +26,7 @@ from typing import Any
 from .runs import code_version, results_version
 
 MANIFEST = "MANIFEST.json"
-READ_BACK = ("run.json", "metrics.csv", "experiment.json")  # what experiments.finished / run_cached read
+READ_BACK = ("run.json", "metrics.csv", "experiment.json")  # what run_cache.finished / run_cached read
 CHECKPOINTS = ("checkpoint.pt", "best.pt")
 
 

@@ -59,15 +59,23 @@ def code_version(package: Path = Path(__file__).parent) -> str:
     return f"{__version__}+{described}{'-dirty' if changed else ''}"
 
 
-# The package's top-level modules that only present, time, launch or count: they cannot change a run's numbers.
+# Every file of the package is one or the other (tests/test_runs.py checks it). Modules that only present, time,
+# launch, count or choose configs (which a cached run's key holds anyway): they cannot change a run's numbers.
 PRESENTATION_MODULES = frozenset({"__init__.py", "__main__.py", "bench.py", "cli.py", "data_cli.py", "exercises.py",
-                                  "packs.py", "pictures.py", "plots.py", "pool.py", "profiles.py", "reproduce.py",
-                                  "sizes.py"})
+                                  "experiments.py", "packs.py", "pictures.py", "plots.py", "pool.py", "profiles.py",
+                                  "reproduce.py", "sizes.py"})
+# ... and the code that makes results: data, splits, models, training, the round, aggregation, the run cache.
+RESULT_MODULES = frozenset({"aggregation.py", "cohort.py", "cohort_rule.json", "config.py", "data.py", "evaluation.py",
+                            "extraction.py", "families.py", "federated.py", "losses.py", "machine.py",
+                            "models/__init__.py", "models/conv.py", "models/layers.py", "models/resnet.py",
+                            "models/transformer.py", "run_cache.py", "runs.py", "seeds.py", "server.py", "slicing.py",
+                            "splits.py", "training.py", "workloads.py"})
 
 
 def results_version(package: Path | None = None) -> str:
     """A short hash of the code that makes results: every source file of the package except
-    :data:`PRESENTATION_MODULES`. Run caches are keyed on it, so a change there retrains.
+    :data:`PRESENTATION_MODULES` (so :data:`RESULT_MODULES`, and a file declared neither way yet).
+    Run caches are keyed on it, so a change there retrains.
 
     Without ``package``: this package, hashed once per process (at first use), so an edit made while a
     reproduction runs does not move its run folders."""

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from heterofl_core.config import dirichlet_alpha
 from heterofl_core.data import ImageData, TextData, batchify
 
 
@@ -134,6 +136,60 @@ def _deal_shards(
     return users
 
 
+def split_dirichlet(train_y: Tensor, test_y: Tensor, num_users: int, alpha: float,
+                    generator: torch.Generator) -> ClientSplit:
+    """Label skew drawn from Dirichlet(alpha) (Hsu et al., 2019, arXiv 1909.06335; the ``dirALPHA``
+    split, e.g. ``dir0.3``): each class's share per user q_c ~ Dir(alpha, ..., alpha) over the users.
+
+    Each class's training indices, in a random order, are cut at the cumulative shares
+    (``round(cumsum(q_c) * n_c)``), so every sample goes to exactly one user. Small alpha gives
+    each user few classes, large alpha near-uniform shares. A user the draw leaves without a
+    training sample takes one random sample from the user holding the most (users in order, the
+    largest first on ties): every user trains on at least one sample, and nothing is duplicated.
+    The test set is cut with the same shares among the users holding each class, so a user's test
+    labels are among its training labels (Local accuracy). A user's labels are the distinct labels
+    of its training indices. The shares come from numpy's Dirichlet, seeded from ``generator``.
+    """
+    train_y, test_y = train_y.cpu(), test_y.cpu()
+    if not alpha > 0:
+        raise ValueError(f"a Dirichlet split needs alpha > 0, got {alpha}")
+    if num_users < 1 or len(train_y) < num_users:
+        raise ValueError(f"num_users must be between 1 and the {len(train_y)} training samples, got {num_users}")
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+    shares = torch.from_numpy(rng.dirichlet(np.full(num_users, float(alpha)), size=num_classes))  # (classes, users)
+    train = _cut_by_shares(train_y, shares, generator)
+    _fill_empty_users(train, generator)
+    held = torch.stack([torch.bincount(train_y[idx], minlength=num_classes) > 0 for idx in train], 1)  # (classes, users)
+    among_holders = shares * held
+    sums = among_holders.sum(1, keepdim=True)
+    test = _cut_by_shares(test_y, torch.where(sums > 0, among_holders / sums.clamp(min=1e-300), shares), generator)
+    return ClientSplit(train=train, test=test, labels=[torch.unique(train_y[idx]) for idx in train])
+
+
+def _cut_by_shares(y: Tensor, shares: Tensor, generator: torch.Generator) -> list[Tensor]:
+    """Each class's indices, shuffled, cut at ``round(cumsum(shares[c]) * n_c)``: per user, its indices (sorted)."""
+    parts: list[list[Tensor]] = [[] for _ in range(shares.shape[1])]
+    for c in range(shares.shape[0]):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        cuts = torch.round(torch.cumsum(shares[c], 0) * len(idx)).long().clamp(max=len(idx))
+        for user, piece in enumerate(torch.tensor_split(idx, cuts[:-1].tolist())):
+            parts[user].append(piece)
+    return [torch.sort(torch.cat(user)).values for user in parts]
+
+
+def _fill_empty_users(train: list[Tensor], generator: torch.Generator) -> None:
+    """Give each user without training samples one random sample of the largest user, in place."""
+    for user in range(len(train)):
+        if len(train[user]):
+            continue
+        donor = max(range(len(train)), key=lambda u: (len(train[u]), -u))
+        pick = int(torch.randint(len(train[donor]), (1,), generator=generator))
+        train[user] = train[donor][pick].view(1)
+        train[donor] = torch.cat([train[donor][:pick], train[donor][pick + 1:]])
+
+
 def split_text(train_rows: Tensor, num_users: int) -> ClientSplit:
     """User i owns row i of batchify(train, num_users); its labels are the token ids in that row.
 
@@ -154,7 +210,7 @@ def split_text(train_rows: Tensor, num_users: int) -> ClientSplit:
 
 
 def split_clients(data: ImageData | TextData, data_split: str, num_users: int, seed: int) -> ClientSplit:
-    """Split a dataset over num_users users: "iid" or "non-iid-N" for images, "iid" for text."""
+    """Split a dataset over num_users users: "iid", "non-iid-N" or "dirALPHA" for images, "iid" for text."""
     generator = torch.Generator().manual_seed(seed)
     if isinstance(data, TextData):
         if data_split != "iid":
@@ -165,6 +221,9 @@ def split_clients(data: ImageData | TextData, data_split: str, num_users: int, s
     n = data_split.removeprefix("non-iid-")
     if data_split.startswith("non-iid-") and n.isdigit() and int(n) >= 1:
         return split_non_iid(data.train_y, data.test_y, num_users, int(n), generator)
+    if (alpha := dirichlet_alpha(data_split)) is not None:
+        return split_dirichlet(data.train_y, data.test_y, num_users, alpha, generator)
     raise ValueError(
-        f"data_split must be 'iid' or 'non-iid-N' with N a positive integer (e.g. 'non-iid-2'), got {data_split!r}"
+        f"data_split must be 'iid', 'non-iid-N' with N a positive integer (e.g. 'non-iid-2') or 'dirALPHA' with "
+        f"ALPHA > 0 (e.g. 'dir0.3'), got {data_split!r}"
     )

@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from heterofl_core.config import ExperimentConfig
 from heterofl_core.data import ImageData, TextData, load_dataset
-from heterofl_core.experiments import subset
+from heterofl_core.run_cache import subset
 from heterofl_core.federated import Federation, default_eval_batch_size, resolve_device
 
 from .messages import check_held, experiment_of, from_record, reply, to_record

@@ -30,7 +30,7 @@ from heterofl_core.slicing import Holding, State
 @dataclass(frozen=True)
 class DataChoice:
     """Which data an experiment uses: a data-root hint for nodes whose node-config names none, and
-    the seeded subset (``experiments.subset``; None: all of it)."""
+    the seeded subset (``run_cache.subset``; None: all of it)."""
 
     root: str | None = None
     train_samples: int | None = None

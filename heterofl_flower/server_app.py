@@ -46,7 +46,7 @@ class FlowerRun:
     mode: str = "simulation"  # simulation or deployment (recorded in run.json)
     timeout: float | None = None  # seconds to wait for a round's replies; None: all of them
     connect_timeout: float = 300.0  # seconds to wait for the nodes to connect
-    train_samples: int | None = None  # a seeded subset of the data (experiments.subset); None: all of it
+    train_samples: int | None = None  # a seeded subset of the data (run_cache.subset); None: all of it
     test_samples: int | None = None
     required: str = "widest"  # replies below this make a round short (heterofl_core.server.reply_counts)
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from heterofl_core.config import (LEVEL_RATES, ConfigError, ExperimentConfig, assign_fixed_levels,
-                                  draw_dynamic_levels, labels_per_user, paper_preset, parse_control,
+                                  dirichlet_alpha, draw_dynamic_levels, labels_per_user, paper_preset, parse_control,
                                   parse_model_mode)
 
 LEVEL_ORDER = "abcde"
@@ -110,7 +110,10 @@ def test_control_keeps_frac_exactly():
     ("1_100_x_iid_fix_a1_bn_1_1", ["frac", "'x'"]),
     ("1_100_0.1_non-iid-0_fix_a1_bn_1_1", ["non-iid-0", "N >= 1"]),
     ("1_100_0.1_non-iid_fix_a1_bn_1_1", ["unknown data split 'non-iid'"]),
-    ("1_100_0.1_noniid-2_fix_a1_bn_1_1", ["unknown data split"]),
+    ("1_100_0.1_noniid-2_fix_a1_bn_1_1", ["unknown data split", "dirALPHA"]),
+    ("1_100_0.1_dir0_fix_a1_bn_1_1", ["'dir0'", "ALPHA > 0", "dir0.3"]),
+    ("1_100_0.1_dirx_fix_a1_bn_1_1", ["'dirx'", "ALPHA > 0"]),
+    ("1_100_0.1_dir-1_fix_a1_bn_1_1", ["'dir-1'", "ALPHA > 0"]),
     ("1_100_0.1_none_fix_a1_bn_1_1", ["'none'", "fed=0"]),
     ("0_100_0.1_iid_fix_a1_bn_1_1", ["fed=0", "'iid'"]),
     ("1_100_0.1_iid_fix_a1_batch_1_1", ["unknown norm 'batch'"]),
@@ -149,6 +152,15 @@ def test_config_error_is_a_value_error():
             ExperimentConfig(**bad)
 
 
+def test_a_dirichlet_split_in_the_control_string():
+    cfg = parse_control("1_100_0.1_dir0.3_fix_a1-e1_bn_1_1", "MNIST")
+    assert cfg.data_split == "dir0.3" and cfg.control == "1_100_0.1_dir0.3_fix_a1-e1_bn_1_1"
+    assert dirichlet_alpha(cfg.data_split) == 0.3 and dirichlet_alpha("dir1e-2") == 0.01
+    assert dirichlet_alpha("iid") is None and dirichlet_alpha("non-iid-2") is None and dirichlet_alpha("dirnan") is None
+    with pytest.raises(ConfigError, match="supports only the iid split"):
+        parse_control("1_100_0.1_dir0.3_fix_a1_none_1_1", "WikiText2")
+
+
 # ---------------------------------------------------------------- presets (spec section 7)
 
 @pytest.mark.parametrize("dataset, split, expected", [
@@ -160,6 +172,8 @@ def test_config_error_is_a_value_error():
                             batch_size_test=50, milestones=(150, 250))),
     ("CIFAR10", "non-iid-2", dict(model="resnet18", lr=0.1, rounds=800, local_epochs=5, batch_size_train=10,
                                   batch_size_test=50, milestones=(300, 500))),
+    ("MNIST", "dir0.3", dict(model="conv", lr=0.01, rounds=400, local_epochs=5, batch_size_train=10,
+                             batch_size_test=50, milestones=(200,))),  # label skew: the non-iid settings
     ("WikiText2", "iid", dict(model="transformer", lr=0.1, rounds=200, local_epochs=1, batch_size_train=100,
                               batch_size_test=10, milestones=(50, 100))),
 ])

@@ -440,3 +440,10 @@ def test_run_experiment_leaves_the_process_as_it_was(monkeypatch, data_root, dat
     assert torch.get_num_threads() == threads
     after = module_forwards()
     assert all(after[cls] is forward for cls, forward in forwards.items()), "a module's forward was replaced"
+
+
+def test_a_run_on_a_dirichlet_split(tmp_path, data_root):
+    frame = run_experiment(config("1_10_0.5_dir0.3_fix_d1-e1_bn_1_1", rounds=1), data_root=data_root, quiet=True)
+    tested = frame[frame.split == "test"].set_index("metric").value
+    assert {"global_accuracy", "local_accuracy"} <= set(tested.index)
+    assert 0 <= tested["local_accuracy"] <= 100

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from heterofl_core import experiments
+from heterofl_core import run_cache
 from heterofl_core.config import parse_control
-from heterofl_core.experiments import DataSpec, Experiment, Results
-from heterofl_core.runs import code_version, results_version
+from heterofl_core.experiments import Results
+from heterofl_core.run_cache import DataSpec, Experiment
+from heterofl_core.runs import PRESENTATION_MODULES, RESULT_MODULES, code_version, results_version
 
 
 def test_code_version_is_dirty_for_code_changes_only(tmp_path):
@@ -72,5 +74,21 @@ def test_a_figure_refuses_runs_of_different_result_making_code(tmp_path):
 def test_an_experiment_key_follows_the_result_making_code(monkeypatch):
     experiment = Experiment("a1", parse_control("1_10_0.5_iid_fix_a1_bn_1_1", "MNIST"), DataSpec("MNIST", "/x", 100, 10))
     key = experiment.key
-    monkeypatch.setattr(experiments, "results_version", lambda: "other code")
+    monkeypatch.setattr(run_cache, "results_version", lambda: "other code")
     assert experiment.key != key, "a change of that code gives the run a folder of its own, so it retrains"
+
+
+def test_every_file_of_the_package_is_declared_results_or_presentation():
+    """So the run cache's key can never miss a module: a new file must be declared one way or the other."""
+    package = Path(run_cache.__file__).parent
+    files = {str(p.relative_to(package)) for p in package.rglob("*") if p.suffix in (".py", ".json")
+             and "__pycache__" not in p.parts}
+    assert not RESULT_MODULES & PRESENTATION_MODULES
+    assert files == RESULT_MODULES | PRESENTATION_MODULES, (
+        f"declare in heterofl_core/runs.py: {sorted(files - RESULT_MODULES - PRESENTATION_MODULES)}; "
+        f"gone: {sorted((RESULT_MODULES | PRESENTATION_MODULES) - files)}")
+
+
+def test_the_notebooks_grids_and_captions_are_presentation_and_the_data_subset_is_not():
+    assert "experiments.py" in PRESENTATION_MODULES, "editing a caption or a grid retrains nothing"
+    assert "run_cache.py" in RESULT_MODULES, "DataSpec and subset cut the data a run trains on"

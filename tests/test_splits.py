@@ -191,27 +191,73 @@ def test_split_clients_dispatch_and_seed():
     assert torch.equal(t.labels[0], torch.arange(10))
 
 
-@pytest.mark.parametrize("bad", ["none", "non-iid", "non-iid-0", "non-iid-x", "noniid-2", "IID"])
+@pytest.mark.parametrize("bad", ["none", "non-iid", "non-iid-0", "non-iid-x", "noniid-2", "IID", "dir", "dir0",
+                                 "dir-1", "dirx", "dirnan", "dirinf"])
 def test_split_clients_refuses_unknown_modes(bad):
-    with pytest.raises(ValueError, match=f"data_split must be 'iid' or 'non-iid-N' .*got '{bad}'"):
+    with pytest.raises(ValueError, match=f"data_split must be 'iid', 'non-iid-N' .*'dirALPHA' .*got '{bad}'"):
         split_clients(toy_images(), bad, 10, seed=0)
 
 
-def test_split_clients_text_is_iid_only():
-    text = TextData("toy", "test", ["a"], torch.zeros(100, dtype=torch.int64), torch.zeros(5), torch.zeros(5))
-    with pytest.raises(ValueError, match="data_split for text data must be 'iid', got 'non-iid-2'"):
-        split_clients(text, "non-iid-2", 10, seed=0)
+# ---------------------------------------------------------------- Dirichlet label skew
 
 
-def test_real_mnist_paper_splits():
+def label_shares(y: torch.Tensor, split: ClientSplit, num_classes: int = 10) -> torch.Tensor:
+    """(users, classes): each user's share of its training samples per class."""
+    counts = torch.stack([torch.bincount(y[idx], minlength=num_classes) for idx in split.train]).double()
+    return counts / counts.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 1.0, 100.0])
+def test_dirichlet_deals_every_sample_once_and_every_user_trains(alpha):
+    d = toy_images()
+    s = split_clients(d, f"dir{alpha:g}", 20, seed=1)
+    assert torch.cat(s.train).sort().values.equal(torch.arange(len(d.train_y))), "every training sample once"
+    assert torch.cat(s.test).sort().values.equal(torch.arange(len(d.test_y))), "every test sample once"
+    assert all(len(idx) >= 1 for idx in s.train), "every user has a training sample"
+    for idx, labels in zip(s.train, s.labels):
+        assert torch.equal(labels, torch.unique(d.train_y[idx]))
+
+
+def test_dirichlet_is_seeded():
+    d = toy_images()
+    assert_same_split(split_clients(d, "dir0.3", 10, seed=2), split_clients(d, "dir0.3", 10, seed=2))
+    assert not torch.equal(split_clients(d, "dir0.3", 10, seed=2).train[0], split_clients(d, "dir0.3", 10, seed=3).train[0])
+
+
+def test_dirichlet_large_alpha_is_near_uniform_and_small_alpha_gives_few_labels():
+    d = toy_images(n_train=6000, n_test=1000)
+    near_iid = label_shares(d.train_y, split_clients(d, "dir1000", 10, seed=0))
+    overall = torch.bincount(d.train_y, minlength=10).double() / len(d.train_y)
+    assert (near_iid - overall).abs().max() < 0.05, "alpha large: every user's label shares close to the dataset's"
+    skewed = split_clients(d, "dir0.05", 10, seed=0)
+    shares = label_shares(d.train_y, skewed)
+    assert shares.max(1).values.mean() > 0.6, "alpha small: most of a user's samples are one class"
+    assert sum(len(labels) for labels in skewed.labels) / 10 < 5, "few labels per user"
+
+
+def test_dirichlet_test_labels_follow_training_labels():
+    d = toy_images(n_train=6000, n_test=2000)
+    s = split_clients(d, "dir0.1", 10, seed=0)
+    for train_idx, test_idx in zip(s.train, s.test):
+        held = set(torch.unique(d.train_y[train_idx]).tolist())
+        assert set(torch.unique(d.test_y[test_idx]).tolist()) <= held, "no test class the user never trained on"
+
+
+def test_dirichlet_gives_an_emptied_user_a_sample_of_the_largest():
+    empty = torch.empty(0, dtype=torch.int64)
+    train = [torch.arange(12), empty, torch.arange(12, 15), empty]
+    splits_module._fill_empty_users(train, gen(0))
+    assert [len(t) for t in train] == [10, 1, 3, 1]
+    assert torch.cat(train).sort().values.equal(torch.arange(15)), "moved, not copied"
+    assert int(train[1]) < 12 and int(train[3]) < 12, "from the largest user"
+
+
+def test_real_mnist_dirichlet_split():
     if not (SHARED_DATA / "MNIST" / "raw").exists():
         pytest.skip(f"real MNIST not found at {SHARED_DATA / 'MNIST' / 'raw'} (set HETEROFL_SHARED_DATA)")
     d = load_dataset("MNIST", SHARED_DATA, download=False)
-    iid = split_clients(d, "iid", 100, seed=0)
-    assert {len(t) for t in iid.train} == {600} and {len(t) for t in iid.test} == {100}
-    non_iid = split_clients(d, "non-iid-2", 100, seed=0)
-    assert all(len(labels) == 2 for labels in non_iid.labels)
-    assert torch.cat(non_iid.train).sort().values.equal(torch.arange(60000))
-    assert torch.cat(non_iid.test).sort().values.equal(torch.arange(10000))
-    sizes = [len(t) for t in non_iid.train]
-    assert 500 < min(sizes) <= max(sizes) < 700  # two shards of ~300 samples
+    s = split_clients(d, "dir0.3", 100, seed=0)
+    assert torch.cat(s.train).sort().values.equal(torch.arange(60000))
+    assert torch.cat(s.test).sort().values.equal(torch.arange(10000))
+    assert min(len(t) for t in s.train) >= 1
+    assert 1 < sum(len(labels) for labels in s.labels) / 100 < 10, "skewed, not one class each, not all ten"
