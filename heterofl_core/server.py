@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Collection, Mapping
 
 import torch
@@ -53,11 +53,15 @@ class RoundSetup:
     generator: torch.Generator
     tasks: list[ClientTask]
     groups: list[list[int]]  # positions in ``tasks``: static, one group per width; else one client each
-    skipped: list[int] = field(default_factory=list)  # sampled users whose node was not connected
 
     @property
     def round(self) -> int:
         return self.plan.round
+
+    @property
+    def skipped(self) -> list[int]:
+        """Users the seeded order reached but whose node was not connected (``RoundPlan.skipped``)."""
+        return self.plan.skipped
 
 
 class RoundSteps:
@@ -86,7 +90,7 @@ class RoundSteps:
             tasks = [ClientTask(user, rate, extraction.split(state, holding), holding)
                      for user, rate, holding in zip(plan.users, plan.rates, held)]
             groups = [[i] for i in range(len(tasks))]
-        return RoundSetup(plan, generator, tasks, groups, plan.skipped)
+        return RoundSetup(plan, generator, tasks, groups)
 
     def aggregate(self, state: State, setup: RoundSetup, replies: Mapping[int, State]) -> State:
         """The count rule over the clients that replied (``{user: trained state}``), in the plan's

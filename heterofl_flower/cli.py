@@ -54,7 +54,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     simulate.set_defaults(handler=_cmd_simulate)
 
     supernode = actions.add_parser("supernode", help="start a Flower SuperNode holding one partition (deployment)",
-                                   description="Runs `flower-supernode --superlink HOST:PORT --node-config "
+                                   description="Checks this node's data (exit code 2 when its data root holds "
+                                               "none, or not the datasets named with --data), then runs "
+                                               "`flower-supernode --superlink HOST:PORT --node-config "
                                                "\"partition-id=K num-partitions=N data-root=DIR\"` plus any other "
                                                "flower-supernode options given after --.")
     supernode.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API")

@@ -78,7 +78,9 @@ class HeteroFLStrategy(Strategy):
         self.bytes_sent = {}
         messages = []
         for task in setup.tasks:
-            record = records.setdefault(id(task.sub_state), to_record(task.sub_state))
+            if id(task.sub_state) not in records:
+                records[id(task.sub_state)] = to_record(task.sub_state)
+            record = records[id(task.sub_state)]
             self.bytes_sent[task.rate] = max(self.bytes_sent.get(task.rate, 0), record.count_bytes())
             content = RecordDict({"arrays": record, "config": instruction(federation.cfg, self.data, user=task.user,
                                                                           rate=task.rate, round=server_round)})
