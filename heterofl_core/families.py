@@ -100,8 +100,6 @@ def family_for_dataset(dataset: str) -> ModelFamily:
     return text[0]
 
 
-# ----------------------------------------------------------------------------- the paper's three families
-
 def build_model(name: str, rate: float = 1.0, **options: object) -> nn.Module:
     """The registered family ``name`` at width ``rate``."""
     return get_family(name).model_class(rate, **options)
@@ -114,6 +112,8 @@ def model_builder(cfg: ExperimentConfig, num_classes: int, track_running_stats: 
     options = get_family(cfg.model).options(cfg, num_classes, in_channels, track_running_stats)
     return partial(build_model, cfg.model, global_rate=cfg.global_rate, scale=cfg.scale, **options)
 
+
+# ----------------------------------------------------------------------------- the paper's three families
 
 def _image_options(cfg: ExperimentConfig, classes: int, in_channels: int | None, track: bool) -> dict[str, Any]:
     """Norm, classes and (when known from the data) input channels; else the class's default."""

@@ -13,8 +13,9 @@ import sys
 import torch
 from torch import nn
 
-# glibc's environment spelling of reuse_host_memory's two settings, for child processes (notebook kernels)
-HOST_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_MMAP_MAX_": "0"}
+NEVER_TRIM, NO_MMAP = 2**31 - 1, 0  # reuse_host_memory's two glibc settings: trim threshold, mmap count
+# ... in glibc's environment spelling, for child processes (notebook kernels)
+HOST_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": str(NEVER_TRIM), "MALLOC_MMAP_MAX_": str(NO_MMAP)}
 
 
 def fast_layout(model: nn.Module, training: bool = True) -> nn.Module:
@@ -50,8 +51,8 @@ def set_cpu_threads(threads: int | None) -> None:
 def reuse_host_memory() -> None:
     """Keep freed host memory in the process for reuse (glibc only; elsewhere a no-op).
 
-    A process-wide setting: only an entry point opts in (``heterofl run --reuse-host-memory``),
-    never a library call.
+    A process-wide setting: only a program's entry point opts in (``heterofl run``, ``bench``; on
+    by default there), never a library call.
 
     By default glibc serves blocks above 128 KiB to 32 MiB with fresh pages from the OS
     and hands them back when freed, so every batch's activations and every new state
@@ -67,5 +68,5 @@ def reuse_host_memory() -> None:
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-    mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
-    mallopt(m_mmap_max, ctypes.c_int(0))
+    mallopt(m_trim_threshold, ctypes.c_int(NEVER_TRIM))
+    mallopt(m_mmap_max, ctypes.c_int(NO_MMAP))

@@ -1,7 +1,7 @@
 """Ready results for slow laptops: the notebooks' run cache packed on one machine, unpacked on another.
 
 A notebook reads a finished run back instead of training it when its folder is in the runs folder under the
-key of (config, data subset, results version) (experiments.py). So a teacher runs the workshop profile once
+key of (config, data subset, results version) (run_cache.py). So a teacher runs the workshop profile once
 (``heterofl reproduce --profile workshop --out room``), packs ``room/runs`` (``heterofl runs pack``) and hands
 the file out; a participant unpacks it (``heterofl runs unpack``) into the runs folder the notebooks use, and
 every cell reads its runs back in seconds. The pack carries the results version of the code that trained the

@@ -76,7 +76,7 @@ def round_diagram(control: str = EXAMPLE, dataset: str = "MNIST") -> tuple[plt.F
     _box(ax, 15.0, 4.1, 4.7, 2.5, "5 · sBN", "statistics of a fresh copy:\none pass over training data\n(no model travels)", DATA)
     _arrow(ax, (4.9, 8.9), (7.6, 8.9), "users, levels\n(a few bytes)", (0, 0.75))
     _arrow(ax, (10.0, 7.6), (10.0, 3.1), f"sub-model to each client\n{sent}", (0, 0))
-    _arrow(ax, (12.4, 1.8), (15.0, 1.8), "trained sub-models back\n(same sizes)", (0, 0.85))
+    _arrow(ax, (12.4, 1.8), (15.0, 1.8), "trained\nsub-models back\n(same sizes)", (0, 1.0))  # fits the gap
     _arrow(ax, (17.35, 3.1), (17.35, 4.1), "global model", (1.4, 0))
     _arrow(ax, (17.35, 6.6), (17.35, 7.6), "with statistics", (1.4, 0))
     _arrow(ax, (15.0, 8.9), (12.4, 8.9), "next round:\nthe new global model", (0, -0.75), color="0.45")

@@ -24,12 +24,11 @@ from typing import Any
 
 import pandas as pd
 
-from .config import LEVEL_RATES, ExperimentConfig
+from .config import LEVEL_RATES, ExperimentConfig, level_of
 from .runs import read_metrics
 from .sizes import level_size
 
 SUFFIX = ".result.json"
-LEVEL_OF_RATE = {rate: level for level, rate in LEVEL_RATES.items()}
 
 
 class PoolError(ValueError):
@@ -43,7 +42,8 @@ def client_flops(cfg: ExperimentConfig, data: Any) -> float:
     import torch
 
     from .families import get_family
-    from .federated import Federation, round_generator
+    from .federated import Federation
+    from .seeds import round_generator
 
     if get_family(cfg.model).data_kind != "image":
         raise ValueError(f"client-FLOPs count image samples; {cfg.model} trains on {get_family(cfg.model).data_kind}")
@@ -59,8 +59,7 @@ def client_flops(cfg: ExperimentConfig, data: Any) -> float:
 
 def _forward_flops(cfg: ExperimentConfig, rate: float) -> float:
     """Forward FLOPs of one sample through a rate-``rate`` sub-model of ``cfg``'s family (authors' counter)."""
-    level = LEVEL_OF_RATE[rate]
-    return float(level_size(cfg.model, level, resnet_blocks=tuple(cfg.resnet_blocks)).flops)
+    return float(level_size(cfg.model, level_of(rate), resnet_blocks=tuple(cfg.resnet_blocks)).flops)
 
 
 def write_result(run_folder: str | os.PathLike, room: str | os.PathLike, *, table: str, name: str,
@@ -145,8 +144,7 @@ def pool(paths: Iterable[str | os.PathLike], metric: str = "global_accuracy",
         runs=("value", "count"), tables=("table", lambda t: ", ".join(sorted(set(map(str, t))))),
         mean=("value", "mean"), std=("value", "std"), low=("value", "min"), high=("value", "max"),
         client_flops=("client_flops", "mean"))
-    ascending = metric.endswith("perplexity") or metric.endswith("loss")
-    return table.sort_values("mean", ascending=ascending).rename(columns={"mean": f"{metric} (mean)"})
+    return table.sort_values("mean", ascending=_lower_is_better(metric)).rename(columns={"mean": f"{metric} (mean)"})
 
 
 def challenge(paths: Iterable[str | os.PathLike], budget: float, metric: str = "global_accuracy",
@@ -158,10 +156,13 @@ def challenge(paths: Iterable[str | os.PathLike], budget: float, metric: str = "
     board = pd.DataFrame([{"table": r["table"], "entry": r["name"], "control": r.get("control"), "seed": r["seed"],
                            metric: r["metrics"].get(metric, math.nan), "client_flops": r["client_flops"],
                            "within budget": r["client_flops"] <= budget} for r in records])
-    ascending = metric.endswith("perplexity") or metric.endswith("loss")
-    board = board.sort_values(["within budget", metric], ascending=[False, ascending]).reset_index(drop=True)
+    board = board.sort_values(["within budget", metric], ascending=[False, _lower_is_better(metric)]).reset_index(drop=True)
     board.insert(0, "rank", [str(i + 1) if ok else "over budget" for i, ok in enumerate(board["within budget"])])
     return board
+
+
+def _lower_is_better(metric: str) -> bool:
+    return metric.endswith(("perplexity", "loss"))
 
 
 # ----------------------------------------------------------------------------- the command

@@ -76,16 +76,10 @@ class FlowerRun:
                    required=check_required(str(config.get("short-round", "widest"))))
 
 
-RUN_CONFIG_KEYS = {  # a deployment's run-config keys (flwr run --run-config), as the app's pyproject.toml declares them
-    "data": "the dataset", "control": "the control string", "supernodes": "nodes to wait for before round 1",
-    "out": "the run folder", "rounds": "rounds (0: the paper's)", "local-epochs": "local epochs (0: the paper's)",
-    "seed": "the seed", "set": "more config fields, \"KEY=VALUE KEY=VALUE\"", "resume": "continue the run in out",
-    "data-root": "the server's data root (\"\": the library's rule)", "device": "the server's device",
-    "timeout": "seconds to wait for a round's replies (0: all)",
-    "train-samples": "a seeded subset of N training samples (0: all)",
-    "test-samples": "a seeded subset of N test samples (0: all)",
-    "short-round": "replies below which a round is recorded short: widest, all or a share",
-}
+# A deployment's run-config keys (flwr run --run-config): the app's pyproject.toml declares each with its default
+# and what it means; tests/test_flower.py checks the two lists agree.
+RUN_CONFIG_KEYS = ("data", "control", "supernodes", "out", "rounds", "local-epochs", "seed", "set", "resume",
+                   "data-root", "device", "timeout", "train-samples", "test-samples", "short-round")
 
 
 class FlowerRounds:

@@ -58,7 +58,6 @@ class HeteroFLStrategy(Strategy):
         self.setup: RoundSetup | None = None
         self.state: State = {}
         self.record: ArrayRecord | None = None  # the record self.state was read from or packed into
-        self.bytes_sent: dict[float, int] = {}  # per rate: the largest sub-model's bytes this round
 
     # -- training ---------------------------------------------------------------------------
 
@@ -74,16 +73,13 @@ class HeteroFLStrategy(Strategy):
         if setup.skipped:
             log.warning("round %d: users %s were sampled but their nodes are not connected; sampled users %s instead",
                         server_round, setup.skipped, setup.plan.users)
-        records: dict[int, ArrayRecord] = {}  # id of a sub-model -> its record: packed once per group
-        self.bytes_sent = {}
+        records: dict[int, ArrayRecord] = {}  # task position -> its sub-model's record, packed once per group
+        for group in setup.groups:
+            records.update(dict.fromkeys(group, to_record(setup.tasks[group[0]].sub_state)))
         messages = []
-        for task in setup.tasks:
-            if id(task.sub_state) not in records:
-                records[id(task.sub_state)] = to_record(task.sub_state)
-            record = records[id(task.sub_state)]
-            self.bytes_sent[task.rate] = max(self.bytes_sent.get(task.rate, 0), record.count_bytes())
-            content = RecordDict({"arrays": record, "config": instruction(federation.cfg, self.data, user=task.user,
-                                                                          rate=task.rate, round=server_round)})
+        for i, task in enumerate(setup.tasks):
+            fields = instruction(federation.cfg, self.data, user=task.user, rate=task.rate, round=server_round)
+            content = RecordDict({"arrays": records[i], "config": fields})
             if task.holding is not None:
                 content["held"] = held_record(task.holding)
             messages.append(Message(content, dst_node_id=self.node_of(task.user), message_type=TRAIN,
@@ -193,13 +189,17 @@ class HeteroFLStrategy(Strategy):
                     log.warning("node %d takes partition %d over from node %d", node, answer[0], self.nodes[answer[0]])
                 self.nodes[answer[0]] = node
 
+    def partition_of(self, user: int) -> int:
+        """The partition hosting ``user``: ``user mod P``."""
+        return user % (self.parts or len(self.nodes))
+
     def hosted(self, user: int) -> bool:
         """Whether the node hosting ``user`` is connected."""
-        return user % (self.parts or len(self.nodes)) in self.nodes
+        return self.partition_of(user) in self.nodes
 
     def node_of(self, user: int) -> int:
-        """The node hosting ``user``: partition ``user mod P``."""
-        return self.nodes[user % (self.parts or len(self.nodes))]
+        """The node hosting ``user``."""
+        return self.nodes[self.partition_of(user)]
 
     def _hold(self, arrays: ArrayRecord) -> None:
         """Make ``self.state`` the global model in ``arrays`` (unpacked only when it is not ours)."""
