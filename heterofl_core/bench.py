@@ -43,8 +43,9 @@ from . import aggregation, extraction
 from .aggregation import aggregate, aggregate_holdings, aggregate_plain
 from .cohort import CohortRule, grouped_model, train_cohort
 from .config import EXTRACTIONS, LEVEL_RATES, assign_fixed_levels, parse_control, parse_model_mode
-from .data import DATA_ROOT_RULE, ImageData, load_dataset
-from .families import WIKITEXT2_VOCAB, build_model
+from .data import DATA_ROOT_RULE, ImageData
+from .datasets import get_dataset, load_dataset
+from .families import build_model
 from .federated import Federation, default_eval_batch_size, resolve_device
 from .losses import label_mask
 from .machine import fast_layout, reuse_host_memory, set_cpu_threads
@@ -174,7 +175,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 def _family_options(family: str, quick: bool) -> dict[str, Any]:
     if family == "transformer":
-        return dict(vocab_size=500, embed=64, hidden=64, layers=1) if quick else dict(vocab_size=WIKITEXT2_VOCAB)
+        quick_options = dict(vocab_size=500, embed=64, hidden=64, layers=1)
+        return quick_options if quick else dict(vocab_size=get_dataset("WikiText2").classes)  # the authors' vocabulary
     return dict(hidden=(8, 16, 32, 64)) if quick else {}
 
 

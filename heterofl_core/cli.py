@@ -17,8 +17,9 @@ import sys
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Sequence
 
-from .config import ExperimentConfig, parse_control, parse_overrides
+from .config import ConfigError, ExperimentConfig, dataset_family, parse_control, parse_overrides
 from .data import DATA_ROOT_RULE
+from .datasets import dataset_names, get_dataset, register_dataset
 from .families import FAMILIES
 
 EXIT_BAD_INPUT = 2
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="NAME",
-                        help="dataset: MNIST, CIFAR10, WikiText2, or any text corpus folder in WikiText format "
-                             "under the data root (e.g. SOTU)")
+                        help=f"dataset: {', '.join(dataset_names())}, or a folder of your own under the data root "
+                             "(images as train/<class>/ and test/<class>/, or text as {train,valid,test}.tokens); "
+                             "`heterofl data status` lists them")
     parser.add_argument("--control", required=True, metavar="STRING",
                         help="the authors' control string fed_users_frac_split_modelsplit_mode_norm_scale_mask, "
                              "e.g. 1_100_0.1_iid_fix_a2-b8_bn_1_1")
@@ -69,7 +71,16 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         overrides["rounds"] = args.rounds
     if args.local_epochs is not None:
         overrides["local_epochs"] = args.local_epochs
+    use_dataset(args.data, getattr(args, "data_root", None))
     return parse_control(args.control, args.data, **overrides)
+
+
+def use_dataset(name: str, data_root: str | None) -> None:
+    """Make ``--data NAME`` known to this process: a registered dataset as it is, a folder of one's own under
+    the data root registered for the run (this program owns its process; a library call never registers).
+    An unknown name is refused with the list of datasets and a "did you mean"."""
+    if name not in dataset_names():
+        register_dataset(get_dataset(name, data_root))
 
 
 def default_out(cfg: ExperimentConfig, prefix: str = "") -> str:
@@ -115,7 +126,11 @@ def finished_line(cfg: ExperimentConfig, out: str, frame: "pd.DataFrame") -> str
 
 def _cmd_sizes(args: argparse.Namespace) -> int:
     from .sizes import format_table, mixture_sizes
-    rows = mixture_sizes(args.model, args.mode, vocab_size=args.vocab_size, resnet_blocks=tuple(args.resnet_blocks))
+    if args.model is None and args.data is None:
+        raise ConfigError("sizes needs --model or --data (the family follows the data)")
+    model = args.model or dataset_family(args.data).name
+    rows = mixture_sizes(model, args.mode, vocab_size=args.vocab_size, dataset=args.data,
+                         resnet_blocks=tuple(args.resnet_blocks))
     if args.json:
         print(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
     else:
@@ -143,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="One row per level of the mode and one for the mixture. FLOPs follow "
                                             "the authors' counter (spec section 8); 'FLOPs (standard)' is "
                                             "torch.utils.flop_counter's count, shown beside it.")
-    sizes.add_argument("--model", required=True, choices=list(FAMILIES), help="model family: " + ", ".join(
-        f"{name} ({family.display})" for name, family in FAMILIES.items()))
+    sizes.add_argument("--model", choices=list(FAMILIES), help="model family: " + ", ".join(
+        f"{name} ({family.display})" for name, family in FAMILIES.items()) + " (default: the one --data takes)")
+    sizes.add_argument("--data", metavar="NAME", help="count the model for this dataset's classes, channels and image "
+                                                      "size (default: the family's paper dataset); any of "
+                                                      f"{', '.join(dataset_names())}")
     sizes.add_argument("--mode", default="a-b-c-d-e",
                        help="levels with optional proportions, e.g. a-b-c-d-e or a2-b8 (default a-b-c-d-e)")
     sizes.add_argument("--vocab-size", type=int,

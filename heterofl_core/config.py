@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .families import FAMILIES, ModelFamily, family_for_dataset, get_family
+from .datasets import Dataset, get_dataset
+from .families import FAMILIES, ModelFamily, family_for_data, get_family
 
 LEVEL_RATES: dict[str, float] = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
 
@@ -45,7 +46,7 @@ class ConfigError(ValueError):
 class ExperimentConfig:
     """Everything that defines one HeteroFL experiment (spec sections 2 and 7)."""
 
-    dataset: str = "MNIST"  # a family's paper dataset (families.py), or any text corpus in WikiText format (SOTU)
+    dataset: str = "MNIST"  # a registered dataset (datasets.py), or a folder of one's own under the data root
     # --- the control string ---
     federated: bool = True  # fed=0 trains one model centrally on all data (data split "none")
     num_users: int = 100
@@ -199,9 +200,19 @@ def _family(name: str) -> ModelFamily:
         raise ConfigError(str(error)) from None
 
 
-def _dataset_family(dataset: str) -> ModelFamily:
+def _dataset(name: str) -> Dataset:
     try:
-        return family_for_dataset(dataset)
+        return get_dataset(name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def dataset_family(dataset: str) -> ModelFamily:
+    """The model family that follows from the data: the CNN for grey images, the ResNet for colour ones,
+    the Transformer for text (:func:`families.family_for_data`)."""
+    entry = _dataset(dataset)
+    try:
+        return family_for_data(entry.kind, entry.channels)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -237,10 +248,10 @@ def _validate(cfg: ExperimentConfig) -> None:
 
 def _validate_family(cfg: ExperimentConfig) -> None:
     """The model exists, fits the dataset, and every field it does not read keeps its default."""
-    family, home = _family(cfg.model), _dataset_family(cfg.dataset)
-    if cfg.dataset in home.datasets and home.data_kind != family.data_kind:
-        fitting = [f.name for f in FAMILIES.values() if f.data_kind == home.data_kind]
-        raise ConfigError(f"model {cfg.model!r} takes {family.data_kind} data, but {cfg.dataset} is {home.data_kind} "
+    family, entry = _family(cfg.model), _dataset(cfg.dataset)
+    if entry.kind != family.data_kind:
+        fitting = [f.name for f in FAMILIES.values() if f.data_kind == entry.kind]
+        raise ConfigError(f"model {cfg.model!r} takes {family.data_kind} data, but {cfg.dataset} is {entry.kind} "
                           f"data: use {' or '.join(fitting)}")
     for field in dataclasses.fields(cfg):
         readers = [f.name for f in FAMILIES.values() if field.name in f.config_fields]
@@ -292,8 +303,9 @@ def dirichlet_alpha(data_split: str) -> float | None:
 
 
 def labels_per_user(data_split: str) -> int | None:
-    """N of a ``non-iid-N`` split, None for iid."""
-    return int(data_split.rsplit("-", 1)[1]) if data_split.startswith("non-iid-") else None
+    """N of a ``non-iid-N`` split (N >= 1), None for any other split."""
+    match = re.fullmatch(r"non-iid-(\d+)", data_split)
+    return int(match.group(1)) if match and int(match.group(1)) >= 1 else None
 
 
 def parse_model_mode(text: str, *, shorthand: bool = False) -> tuple[tuple[str, int], ...]:
@@ -412,21 +424,12 @@ def parse_overrides(texts: Iterable[str]) -> dict[str, Any]:
 
 
 def paper_preset(dataset: str, data_split: str = "iid") -> dict[str, Any]:
-    """The paper's training settings for a dataset and split (spec section 7); the model is the
-    dataset's family (:func:`families.family_for_dataset`). A dataset the paper did not use keeps
-    the config's defaults."""
-    family = _dataset_family(dataset)
-    model, non_iid = family.name, data_split.startswith(("non-iid", "dir"))  # label skew: the non-iid settings
-    if dataset == "MNIST":
-        return dict(model=model, lr=0.01, rounds=400 if non_iid else 200, local_epochs=5,
-                    batch_size_train=10, batch_size_test=50, milestones=(200,) if non_iid else (100,))
-    if dataset == "CIFAR10":
-        return dict(model=model, lr=0.1, rounds=800 if non_iid else 400, local_epochs=5,
-                    batch_size_train=10, batch_size_test=50, milestones=(300, 500) if non_iid else (150, 250))
-    if family.data_kind == "text":  # WikiText2, and any other corpus in its format (SOTU, ...)
-        return dict(model=model, lr=0.1, rounds=200, local_epochs=1,
-                    batch_size_train=100, batch_size_test=10, milestones=(50, 100))  # 100 rows: the paper's users
-    return dict(model=model)
+    """The paper's training settings for a dataset and split (spec section 7): those of the dataset's
+    family (:func:`dataset_family`), so Fashion-MNIST takes MNIST's recipe and CIFAR-100 CIFAR10's.
+    Label skew (non-iid-N, dirALPHA) takes the non-iid settings where the family has them."""
+    family = dataset_family(dataset)
+    non_iid = data_split.startswith(("non-iid", "dir")) and "non-iid" in family.settings
+    return dict(model=family.name, **family.settings["non-iid" if non_iid else "iid"])
 
 
 def assign_fixed_levels(model_mode: tuple[tuple[str, int], ...], num_users: int) -> list[str]:

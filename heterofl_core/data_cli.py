@@ -13,8 +13,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import DATA_ROOT_RULE, FETCHABLE, DataError, DatasetStatus, dataset_status, fetch_dataset, \
-    resolve_data_root, status_of
+from .data import DATA_ROOT_RULE, DataError, resolve_data_root
+from .datasets import DATASETS, DatasetStatus, dataset_status, fetch_dataset, status_of
+
+FETCHABLE = [d.name for d in DATASETS.values() if d.fetch is not None]
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
@@ -31,11 +33,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     status.set_defaults(handler=_cmd_status)
 
     fetch = actions.add_parser("fetch", help="download datasets into the data root (needs internet)",
-                               description="MNIST and CIFAR10 through torchvision (MD5-checked); WikiText2 from "
-                                           "Hugging Face (Salesforce/wikitext, wikitext-2-v1 parquet, SHA-256-"
-                                           "checked), else wikitext-2-v1.zip from its author's mirror (MD5-checked). "
-                                           "A dataset already present is left as it is. Without internet: exit "
-                                           "code 2 and what to do instead.")
+                               description="; ".join(f"{d.name} from {d.fetched_from}" for d in DATASETS.values()
+                                                     if d.fetch is not None) + ". A dataset already present is left "
+                                           "as it is. Without internet: exit code 2 and what to do instead.")
     fetch.add_argument("names", nargs="+", metavar="NAME", help=f"any of {', '.join(FETCHABLE)}")
     fetch.add_argument("--data-root", metavar="DIR", help=f"where datasets live ({DATA_ROOT_RULE})")
     fetch.add_argument("--quiet", action="store_true", help="no progress bar for WikiText2's downloads")
@@ -49,7 +49,7 @@ def format_status(rows: list[DatasetStatus]) -> str:
                str(r.path)) for r in rows]
     w = [max(len(row[i]) for row in table) for i in range(4)]
     lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}  {d:<{w[3]}}  {e}" for a, b, c, d, e in table]
-    missing = [r.name for r in rows if not r.found]
+    missing = [r.name for r in rows if not r.found and r.fetchable]
     if missing:
         lines.append(f"missing: heterofl data fetch {' '.join(missing)}   (needs internet; or copy the files to "
                      "the path shown)")
@@ -86,6 +86,9 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+TEXT = "text"  # ensure_data's word for "a text corpus": WikiText2, else SOTU
+
+
 def ensure_data(names: Sequence[str], data_root: str | os.PathLike | None = None) -> Path:
     """For a notebook's set-up cell: fetch each dataset of ``names`` missing from the data root (it needs
     internet), say in one line what is where, and return the root. ``"text"`` is WikiText2, or the substitute
@@ -93,8 +96,8 @@ def ensure_data(names: Sequence[str], data_root: str | os.PathLike | None = None
     root = resolve_data_root(data_root)
     said = []
     for name in names:
-        if name == "text":
-            if (root / "SOTU" / "train.tokens").is_file() and not status_of("WikiText2", root).found:
+        if name == TEXT:
+            if status_of("SOTU", root).found and not status_of("WikiText2", root).found:
                 said.append("SOTU (the text substitute)")
                 continue
             name = "WikiText2"

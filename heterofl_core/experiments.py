@@ -29,10 +29,12 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .config import EXTRACTIONS, LEVEL_RATES, ExperimentConfig, format_model_mode, paper_preset, parse_control, parse_model_mode
+from .config import EXTRACTIONS, LEVEL_RATES, ExperimentConfig, dataset_family, format_model_mode, paper_preset, \
+    parse_control, parse_model_mode
 from .data import TextData, repo_root, resolve_data_root
+from .datasets import get_dataset, status_of
 from .evaluation import global_chance
-from .families import family_for_dataset, get_family
+from .families import get_family
 from .federated import RoundCallback
 from .run_cache import DataSpec, Experiment, run_cached
 from .sizes import DEFAULT_VOCAB_SIZE, human, mixture_sizes
@@ -65,14 +67,13 @@ def notebook_paths(data_root: str | os.PathLike | None, out_dir: str | os.PathLi
 def text_corpus(data_root: str | os.PathLike | None = None) -> tuple[str, str]:
     """(corpus name, note): WikiText2 when a copy is at the data root, else SOTU, said plainly."""
     root = resolve_data_root(data_root)
-    for folder in (root / "WikiText2", root / "wikitext-2"):
-        if any((folder / f"{prefix}train.tokens").is_file() for prefix in ("", "wiki.")):
-            return "WikiText2", "WikiText2"
-    if (root / "SOTU" / "train.tokens").is_file():
+    if status_of("WikiText2", root).found:
+        return "WikiText2", "WikiText2"
+    if status_of("SOTU", root).found:
         return "SOTU", ("no WikiText2 copy at the data root: the WikiText2 Transformer runs on SOTU "
                         "(State of the Union addresses, same file format); its perplexities are not "
                         "comparable with published WikiText2 numbers")
-    raise FileNotFoundError(f"neither WikiText2 nor SOTU found under {root}; see data.py for the layout")
+    raise FileNotFoundError(f"neither WikiText2 nor SOTU found under {root}; `heterofl data status` shows the layouts")
 
 
 # ----------------------------------------------------------------------------- scale
@@ -176,7 +177,7 @@ class Scale:
         if (users, frac) != (PAPER_USERS, PAPER_FRAC):
             parts.append(f"{math.ceil(frac * users - 1e-9)} of {users} users per round (paper: 10 of 100)")
         if self.train_samples is not None:
-            parts.append(f"{self.train_samples:,} training {'tokens' if dataset not in ('MNIST', 'CIFAR10') else 'images'}")
+            parts.append(f"{self.train_samples:,} training {'tokens' if get_dataset(dataset).kind == 'text' else 'images'}")
         parts.append(f"{seeds} seed{'s' * (seeds != 1)}")
         if panels is not None and len(panels) < len(LEVELS) - 1:
             parts.append(f"panels {', '.join(panels)} of {', '.join(LEVELS[:-1])}")
@@ -470,12 +471,12 @@ class InterpolationStudy:
         self.scale: Scale = settings.scale
         self.seeds = list(settings.get("seeds") or [seed])
         self.data = DataSpec(dataset, str(data_root), self.scale.train_samples, self.scale.test_samples, seed=seed)
-        self.family = family_for_dataset(dataset)
+        self.family = dataset_family(dataset)
         self.metric = headline(dataset)
         self.lower_is_better = self.metric.endswith("perplexity")
         loaded = self.data.load()
         self.vocab_size = loaded.vocab_size if isinstance(loaded, TextData) else 0
-        paper_dataset = self.family.datasets[0]
+        paper_dataset = self.family.paper_dataset
         copy = " (offline JPEG copy)" if "JPEG" in loaded.source else ""
         self.title = f"{paper_dataset}{copy} {self.family.display}" + (
             f" run on {dataset}" if dataset != paper_dataset else "")
@@ -578,7 +579,7 @@ class InterpolationStudy:
         trained_with = results.trained_with(allow_mixed)
         points = self.points()
         shown = trend_shown(points, self.lower_is_better)
-        paper_rounds = paper_preset(self.dataset if self.dataset in ("MNIST", "CIFAR10") else "WikiText2")["rounds"]
+        paper_rounds = paper_preset(self.dataset)["rounds"]
         rounds = self.scale.rounds or paper_rounds
         converged = bool(shown) and all(shown.values())
         title = f"{self.title}: interpolating between levels (iid, fix)"

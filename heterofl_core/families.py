@@ -1,10 +1,11 @@
 """Model families: one registry entry per family says everything the rest of the library needs.
 
 An entry names the model class (built as ``model_class(rate, global_rate=..., scale=...,
-**options(...))``, with a ``width_axes()`` slicing plan), the kind of data and the
-paper's datasets it fits, the config fields only it reads, how the paper's size tables
-count it, and what figures call it. Adding a family means writing its model file and
-one :func:`register_family` call; nothing else names families.
+**options(...))``, with a ``width_axes()`` slicing plan), the data it is the default for
+(a kind, and for images the channels: the CNN takes grey images, the ResNet colour ones),
+the paper's training settings for it, the config fields only it reads, the paper's dataset
+its size tables count, and what figures call it. Adding a family means writing its model
+file and one :func:`register_family` call; nothing else names families.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from torch import nn
 
 from .models.conv import Conv
@@ -24,10 +24,6 @@ if TYPE_CHECKING:
     from .config import ExperimentConfig
 
 DATA_KINDS = ("image", "text")
-# WikiText2's vocabulary as the authors' code builds it (datasets/lang.py: Vocab): their symbols '<ukn>' and
-# '<eos>', then every word of the training split (which holds the corpus's own '<unk>'): 33,279 words, one
-# more than the usual 33,278. The size tables count models with it (level a: 73.49 MB); the mask token is extra.
-WIKITEXT2_VOCAB = 33279
 
 Options = Callable[["ExperimentConfig", int, "int | None", bool], dict[str, Any]]
 
@@ -40,10 +36,10 @@ class ModelFamily:
     display: str  # what figures and tables call it
     model_class: Callable[..., nn.Module]
     data_kind: str  # "image" or "text": the data it takes (ImageData / TextData)
-    datasets: tuple[str, ...]  # the paper's datasets for it; the first one's settings size it
+    channels: tuple[int, ...]  # image channels it is the default family for (1: grey, 3: colour); () for text
+    paper_dataset: str  # the dataset the paper trains it on: its size tables count it with this data
+    settings: dict[str, dict[str, Any]]  # the paper's training settings, "iid" and "non-iid" (label skew)
     options: Options  # (cfg, classes or vocabulary, input channels or None, track_running_stats) -> constructor options
-    sample: Callable[["ExperimentConfig", int], torch.Tensor]  # (cfg, classes) -> one input (batch of 1) to count FLOPs
-    classes: int  # classes (the vocabulary for text) of its paper dataset, as the size tables count them
     shown_parameters: tuple[str, ...]  # parameters the mixture explorer draws, most telling first
     config_fields: tuple[str, ...] = ()  # config fields only this family reads (others must keep their defaults)
 
@@ -51,22 +47,17 @@ class ModelFamily:
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"family {self.name!r}: unknown data kind {self.data_kind!r}; "
                              f"valid: {', '.join(DATA_KINDS)}")
-        if not self.datasets or not self.shown_parameters:
-            raise ValueError(f"family {self.name!r} needs at least one dataset (whose settings size it) "
-                             f"and one parameter to show")
+        if not self.shown_parameters:
+            raise ValueError(f"family {self.name!r} needs at least one parameter to show")
 
 
 FAMILIES: dict[str, ModelFamily] = {}
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
-    """Add ``family`` to the registry; its name and datasets must be new."""
+    """Add ``family`` to the registry; its name must be new."""
     if family.name in FAMILIES:
         raise ValueError(f"model family {family.name!r} is already registered")
-    for other in FAMILIES.values():
-        taken = set(family.datasets) & set(other.datasets)
-        if taken:
-            raise ValueError(f"family {family.name!r}: datasets {sorted(taken)} already belong to {other.name!r}")
     FAMILIES[family.name] = family
     return family
 
@@ -84,20 +75,14 @@ def get_family(name: str) -> ModelFamily:
     return FAMILIES[name]
 
 
-def family_for_dataset(dataset: str) -> ModelFamily:
-    """The family whose paper datasets include ``dataset``; any other name is a text corpus in
-    WikiText format (e.g. SOTU) and gets the first text family."""
+def family_for_data(kind: str, channels: int | None = None) -> ModelFamily:
+    """The default family for data of ``kind`` ("image" or "text") with ``channels`` (images): the first
+    registered family that says it is the default for them."""
     for family in FAMILIES.values():
-        if dataset in family.datasets:
+        if family.data_kind == kind and (kind == "text" or channels in family.channels):
             return family
-    known = [name for family in FAMILIES.values() for name in family.datasets]
-    near = [name for name in known if name.lower() == dataset.lower()]
-    if near:
-        raise ValueError(f"unknown dataset {dataset!r}: did you mean {near[0]}? (dataset names are case-sensitive)")
-    text = [family for family in FAMILIES.values() if family.data_kind == "text"]
-    if not text:
-        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(known)}")
-    return text[0]
+    raise ValueError(f"no model family is the default for {kind} data" + (f" with {channels} channels" if channels
+                     else "") + f"; families: {', '.join(f'{f.name} ({f.data_kind})' for f in FAMILIES.values())}")
 
 
 def build_model(name: str, rate: float = 1.0, **options: object) -> nn.Module:
@@ -131,31 +116,32 @@ def _transformer_options(cfg: ExperimentConfig, classes: int, in_channels: int |
                 layers=cfg.num_layers, dropout=cfg.dropout, bptt=cfg.bptt)
 
 
-def _mnist_image(cfg: ExperimentConfig, classes: int) -> torch.Tensor:
-    return torch.zeros(1, 1, 28, 28)
-
-
-def _cifar10_image(cfg: ExperimentConfig, classes: int) -> torch.Tensor:
-    return torch.zeros(1, 3, 32, 32)
-
-
-def _token_window(cfg: ExperimentConfig, classes: int) -> torch.Tensor:
-    return torch.arange(cfg.bptt).remainder(classes).unsqueeze(0)  # (1, bptt) token ids
-
-
 SBN_FIELDS = ("sbn_samples", "sbn_batch_size")  # the server's sBN pass: families with BatchNorm
 
+# The paper's settings (spec section 7); label skew (non-iid-N, dirALPHA) takes the non-iid ones.
 register_family(ModelFamily(
-    name="conv", display="CNN", model_class=Conv, data_kind="image", datasets=("MNIST",),
-    options=_image_options, sample=_mnist_image, classes=10, config_fields=SBN_FIELDS,
+    name="conv", display="CNN", model_class=Conv, data_kind="image", channels=(1,), paper_dataset="MNIST",
+    settings={"iid": dict(lr=0.01, rounds=200, local_epochs=5, batch_size_train=10, batch_size_test=50,
+                          milestones=(100,)),
+              "non-iid": dict(lr=0.01, rounds=400, local_epochs=5, batch_size_train=10, batch_size_test=50,
+                              milestones=(200,))},
+    options=_image_options, config_fields=SBN_FIELDS,
     shown_parameters=("features.5.weight", "features.0.weight", "head.weight")))
 register_family(ModelFamily(
-    name="resnet18", display="PreAct ResNet18", model_class=PreActResNet18, data_kind="image", datasets=("CIFAR10",),
-    options=_resnet_options, sample=_cifar10_image, classes=10, config_fields=("resnet_blocks", *SBN_FIELDS),
+    name="resnet18", display="PreAct ResNet18", model_class=PreActResNet18, data_kind="image", channels=(3,),
+    paper_dataset="CIFAR10",
+    settings={"iid": dict(lr=0.1, rounds=400, local_epochs=5, batch_size_train=10, batch_size_test=50,
+                          milestones=(150, 250)),
+              "non-iid": dict(lr=0.1, rounds=800, local_epochs=5, batch_size_train=10, batch_size_test=50,
+                              milestones=(300, 500))},
+    options=_resnet_options, config_fields=("resnet_blocks", *SBN_FIELDS),
     shown_parameters=("stages.1.0.conv1.weight", "stages.1.0.shortcut.weight", "stem.weight", "head.weight")))
 register_family(ModelFamily(
-    name="transformer", display="Transformer", model_class=Transformer, data_kind="text", datasets=("WikiText2",),
-    options=_transformer_options, sample=_token_window, classes=WIKITEXT2_VOCAB,
+    name="transformer", display="Transformer", model_class=Transformer, data_kind="text", channels=(),
+    paper_dataset="WikiText2",  # 100 rows for training: the paper's users (text takes the iid split only)
+    settings={"iid": dict(lr=0.1, rounds=200, local_epochs=1, batch_size_train=100, batch_size_test=10,
+                          milestones=(50, 100))},
+    options=_transformer_options,
     config_fields=("bptt", "token_mask_rate", "embedding_size", "num_heads", "hidden_size", "num_layers", "dropout"),
     shown_parameters=("layers.0.attention.q.weight", "layers.0.attention.o.weight", "layers.0.linear1.weight",
                       "output.weight")))

@@ -36,7 +36,8 @@ from . import extraction
 from .aggregation import aggregate_holdings
 from .cohort import CohortRule, grouped_model, train_cohort
 from .config import LEVEL_RATES, ExperimentConfig, assign_fixed_levels, draw_dynamic_levels
-from .data import ImageData, TextData, load_dataset
+from .data import ImageData, TextData
+from .datasets import load_dataset
 from .families import FAMILIES, get_family, model_builder
 from .machine import fast_layout
 from .models.layers import CLIENT_BN_MOMENTUM, track_running_statistics
@@ -75,14 +76,6 @@ def default_eval_batch_size(device: torch.device) -> int:
     batches of ``batch_size_train`` inside each chunk (training.sbn_statistics), as the
     authors' loader gives them."""
     return 1000 if device.type == "cuda" else 100
-
-
-def centralised_split(data: ImageData | TextData) -> ClientSplit:
-    """fed=0: a single client that holds all the data."""
-    if isinstance(data, TextData):
-        raise ValueError("centralised training (fed=0) is only implemented for image data")
-    everything = torch.arange(data.num_classes)
-    return ClientSplit(train=[torch.arange(len(data.train_y))], test=[torch.arange(len(data.test_y))], labels=[everything])
 
 
 @dataclass(frozen=True)
@@ -125,10 +118,7 @@ class Federation:
                              f"data; models for {kind} data: "
                              f"{', '.join(f.name for f in FAMILIES.values() if f.data_kind == kind)}")
         data = data.to(device)
-        if cfg.federated:
-            split = split_clients(data, cfg.data_split, cfg.num_users, cfg.seed)
-        else:
-            split = centralised_split(data)
+        split = split_clients(data, cfg.data_split, cfg.num_users, cfg.seed)
         split = ClientSplit(train=[i.to(device) for i in split.train], test=[i.to(device) for i in split.test],
                             labels=[l.to(device) for l in split.labels])
         workload = make_workload(data, split, cfg, eval_batch_size)

@@ -130,7 +130,7 @@ def cheat_sheet() -> tuple[plt.Figure, dict]:
     ax.text(0.2, 11.3, rows + "      width = ⌈r·C⌉   (e: 1/16 of every hidden layer)", va="top", **mono)
     ax.text(0.2, 10.2, "The control string", fontsize=22, fontweight="bold", va="top")
     fields = [("1", "federated (0: one central model)"), ("100", "users"), ("0.1", "share active per round (10 of 100)"),
-              ("iid", "data split: iid | non-iid-N (N classes a user)"), ("fix", "levels: fix (a user keeps one) | dynamic"),
+              ("iid", "data split: iid | non-iid-N (N classes a user) | dir0.3 (Dirichlet α)"), ("fix", "levels: fix (a user keeps one) | dynamic"),
               ("a2-b8", "levels with proportions; the FIRST is the global model"), ("bn", "norm: bn (sBN) | in | ln | gn | none"),
               ("1", "Scaler on (divide by r while training)"), ("1", "masked cross-entropy on")]
     text = "_".join(value for value, _ in fields)

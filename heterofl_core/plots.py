@@ -32,6 +32,7 @@ import seaborn as sns
 import torch
 
 from .config import LEVEL_RATES, format_model_mode
+from .datasets import get_dataset
 from .families import FAMILIES, get_family
 from .runs import code_version
 from .sizes import human
@@ -563,7 +564,7 @@ def mixture_view(model: str, proportions: dict[str, int], layer: str | None = No
     if not mode:
         raise ValueError("give at least one level a proportion above 0")
     levels = [level for level in LEVEL_NAMES if proportions.get(level, 0) > 0]
-    drawn = min(vocab_size or family.classes, EXPLORER_VOCAB)
+    drawn = min(vocab_size or get_dataset(family.paper_dataset).classes, EXPLORER_VOCAB)
     slicer = Slicer(size_builder(model, levels[0], vocab_size=drawn)[0], LEVEL_RATES[levels[0]])
     layer = layer or family.shown_parameters[0]
     owner = entry_levels(slicer, layer, levels)

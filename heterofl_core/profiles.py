@@ -40,6 +40,7 @@ NOTEBOOKS = (
     "11_flower",
     "12_beyond_static_slicing",
     "13_group_work",
+    "14_your_data",
 )
 ALL_LEVELS = ["a", "b", "c", "d"]  # the interpolation figure's four panels: global model a, b, c, d
 ALL_POINTS = list(range(1, 10))  # x{i}-y{10-i}, i = 1..9
@@ -102,6 +103,9 @@ _EXTRACTION_QUICK_MNIST = dict(_QUICK_SMALL_MNIST, rounds=12, eval_every=12)
 # workshop: six runs (3 strategies x fix, dynamic) on half of the workshop MNIST subset, so the notebook fits its
 # 4 minutes on 2 cores (the full-width client's local training is most of the cost); 4 rounds, as the others.
 _EXTRACTION_WORKSHOP_MNIST = dict(_WORKSHOP_MNIST, train_samples=3000, test_samples=1000, sbn_samples=1000)
+# 14: one run of Fashion-MNIST (else MNIST) at a1-e1; Dirichlet splits of its training labels over split_users
+# users, one per alpha (no training); a folder of own_images[0] training and own_images[1] test images per class.
+_YOUR_DATA = dict(mode="a1-e1", alphas=[0.1, 1.0, 100.0], split_users=20, own_images=[30, 10])
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
@@ -122,6 +126,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "11_flower": _FLOWER_SMOKE,
         "12_beyond_static_slicing": dict(_EXTRACTION, mnist=_SMOKE_MNIST, seeds=[0], show_rounds=3),
         "13_group_work": dict(**_SMOKE_MNIST, mode="a1-e9", table=0, room=None, budget=1e8),
+        "14_your_data": {**_SMOKE_MNIST, **_YOUR_DATA, "own_images": [5, 2]},
     },
     # A room of laptops: each notebook at most 4 minutes on 2 cores. MNIST on a tenth of its training set
     # for a few rounds is enough to see the widths order the accuracy; CIFAR10 and text show the recipe runs.
@@ -145,6 +150,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "11_flower": _FLOWER_WORKSHOP,
         "12_beyond_static_slicing": dict(_EXTRACTION, mnist=_EXTRACTION_WORKSHOP_MNIST, seeds=[0]),
         "13_group_work": dict(**_WORKSHOP_BASELINE_MNIST, mode="a1-e9", table=0, room=None, budget=1e11),
+        "14_your_data": {**_WORKSHOP_MNIST, **_YOUR_DATA},
     },
     # The figures on a 2-core CPU, the whole suite in under 90 minutes (measured: see README). MNIST shows the
     # paper's result (06: the paper's users, whole data, 8 rounds, 3 seeds, every panel, lines to e only, i = 5,
@@ -169,6 +175,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "11_flower": _FLOWER_WORKSHOP,
         "12_beyond_static_slicing": dict(_EXTRACTION, mnist=_EXTRACTION_QUICK_MNIST, seeds=SEEDS),
         "13_group_work": dict(**_QUICK_BASELINE_MNIST, mode="a1-e9", table=0, room=None, budget=2e11),
+        "14_your_data": {**_QUICK_SMALL_MNIST, **_YOUR_DATA},
     },
     # The paper's settings (spec section 7): 100 users, 10 active, the paper's rounds, local epochs and
     # lr milestones, whole datasets, sBN over the whole training set, evaluation every round, i = 1..9.
@@ -190,6 +197,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "11_flower": _FLOWER_PAPER,
         "12_beyond_static_slicing": dict(_EXTRACTION, mnist=_PAPER, seeds=SEEDS, cifar10=_PAPER),  # CIFAR10: 1 seed
         "13_group_work": dict(**_PAPER, mode="a1-e9", table=0, room=None, budget=7e13),
+        "14_your_data": {**_PAPER, **_YOUR_DATA},
     },
 }
 

@@ -50,7 +50,7 @@ def select(only: Sequence[str] | None) -> list[str]:
                 or (not token.isdigit() and token.lower() in nb.lower())]
         if not hits:
             raise ValueError(f"unknown notebook {token!r}; valid: {', '.join(NOTEBOOKS)} "
-                             f"(or their numbers 00-12, or a word such as mnist)")
+                             f"(or their numbers {NOTEBOOKS[0][:2]}-{NOTEBOOKS[-1][:2]}, or a word such as mnist)")
         wanted.update(hits)
     return [nb for nb in NOTEBOOKS if nb in wanted]
 
@@ -215,7 +215,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     """Register ``heterofl reproduce`` on the CLI's subparsers."""
     parser = subparsers.add_parser(
         "reproduce", help="execute the notebooks with papermill and write the paper's figures",
-        description="Executes the notebooks (notebooks/00-12) at a profile's scale (papermill), keeps the executed copies in "
+        description=f"Executes the notebooks (notebooks/{NOTEBOOKS[0][:2]}-{NOTEBOOKS[-1][:2]}) at a profile's scale "
+                    "(papermill), keeps the executed copies in "
                     "<out>/notebooks, runs every experiment into <out>/runs (finished runs are read back and "
                     "skipped, interrupted ones continue), and writes the figures (PNG, PDF and a JSON record each) "
                     "to the figures folder. Profiles: smoke (every notebook in minutes, for CI), workshop (each "

@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 
 from .config import ExperimentConfig
-from .data import ImageData, TextData, load_dataset
-from .families import family_for_dataset
+from .data import ImageData, TextData
+from .datasets import get_dataset, load_dataset
 from .federated import RoundCallback, run_experiment
 from .runs import read_metrics, results_version
 
@@ -47,7 +47,7 @@ class DataSpec:
     def describe(self) -> str:
         if self.train is None and self.test is None:
             return "whole dataset"
-        unit = "tokens" if family_for_dataset(self.name).data_kind == "text" else "samples"
+        unit = "tokens" if get_dataset(self.name, self.root).kind == "text" else "samples"
         part = lambda n, split: f"all {split}" if n is None else f"{n:,} {split}"  # noqa: E731
         return f"subset: {part(self.train, 'train')} / {part(self.test, 'test')} {unit}"
 

@@ -65,11 +65,12 @@ PRESENTATION_MODULES = frozenset({"__init__.py", "__main__.py", "bench.py", "cli
                                   "experiments.py", "packs.py", "pictures.py", "plots.py", "pool.py", "profiles.py",
                                   "reproduce.py", "sizes.py"})
 # ... and the code that makes results: data, splits, models, training, the round, aggregation, the run cache.
-RESULT_MODULES = frozenset({"aggregation.py", "cohort.py", "cohort_rule.json", "config.py", "data.py", "evaluation.py",
-                            "extraction.py", "families.py", "federated.py", "losses.py", "machine.py",
+RESULT_MODULES = frozenset({"aggregation.py", "cohort.py", "cohort_rule.json", "config.py", "data.py", "datasets.py",
+                            "evaluation.py", "extraction.py", "families.py", "federated.py", "image_files.py",
+                            "losses.py", "machine.py",
                             "models/__init__.py", "models/conv.py", "models/layers.py", "models/resnet.py",
                             "models/transformer.py", "run_cache.py", "runs.py", "seeds.py", "server.py", "slicing.py",
-                            "splits.py", "training.py", "workloads.py"})
+                            "splits.py", "text_files.py", "training.py", "workloads.py"})
 
 
 def results_version(package: Path | None = None) -> str:

@@ -28,11 +28,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import LEVEL_RATES, ExperimentConfig, check_model_mode, parse_control, parse_model_mode
-from .families import WIKITEXT2_VOCAB, get_family, model_builder
+from .datasets import get_dataset
+from .families import get_family, model_builder
 
 COUNTED_PARAMETERS = ("weight", "bias")  # the authors count only these parameter names
 BYTES_PER_PARAMETER = 4  # float32
-DEFAULT_VOCAB_SIZE = WIKITEXT2_VOCAB  # a text family's default vocabulary (the authors' WikiText2), without the mask token
+DEFAULT_VOCAB_SIZE = get_dataset("WikiText2").classes  # the authors' WikiText2 vocabulary, without the mask token
 
 
 @dataclass(frozen=True)
@@ -121,25 +122,35 @@ def count_flops_standard(model: nn.Module, sample: torch.Tensor) -> int:
 
 # ----------------------------------------------------------------------------- levels and mixtures
 
-def paper_config(model_name: str, global_level: str = "a", **fields: Any) -> ExperimentConfig:
-    """The paper's config for the family's first dataset with the global model at ``global_level``,
-    ``fields`` (config fields the family reads, e.g. ``resnet_blocks``) replaced: what the size tables count."""
+def paper_config(model_name: str, global_level: str = "a", dataset: str | None = None,
+                 **fields: Any) -> ExperimentConfig:
+    """The paper's config for ``dataset`` (default: the family's paper dataset) with the global model at
+    ``global_level``, ``fields`` (config fields the family reads, e.g. ``resnet_blocks``) replaced: what
+    the size tables count."""
     check_model_mode(((global_level, 1),))
-    dataset = get_family(model_name).datasets[0]
+    dataset = dataset or get_family(model_name).paper_dataset
     return parse_control(f"1_100_0.1_iid_fix_{global_level}1_bn_1_1", dataset, model=model_name, **fields)
 
 
 def size_builder(model_name: str, global_level: str = "a", *, vocab_size: int | None = None,
-                 **fields: Any) -> tuple[Callable[[float], nn.Module], torch.Tensor]:
+                 dataset: str | None = None, **fields: Any) -> tuple[Callable[[float], nn.Module], torch.Tensor]:
     """``rate -> model`` as the size tables count it, and one input sample for the FLOP counters.
 
-    ``vocab_size`` is a text family's vocabulary (default: its paper corpus's); image families
-    count the classes of their paper dataset.
+    ``dataset`` (default: the family's paper dataset, e.g. CIFAR10 for the ResNet) gives the classes,
+    input channels and image size; ``vocab_size`` replaces a text corpus's vocabulary.
     """
-    family = get_family(model_name)
-    cfg = paper_config(model_name, global_level, **fields)
-    classes = vocab_size if vocab_size and family.data_kind == "text" else family.classes
-    return model_builder(cfg, classes), family.sample(cfg, classes)
+    family, entry = get_family(model_name), get_dataset(dataset or get_family(model_name).paper_dataset)
+    cfg = paper_config(model_name, global_level, entry.name, **fields)
+    classes = vocab_size if vocab_size and family.data_kind == "text" else entry.classes
+    if classes is None:
+        raise ValueError(f"{entry.name}: its {'vocabulary' if entry.kind == 'text' else 'classes'} come from its "
+                         f"files; give the size tables a number ({'--vocab-size' if entry.kind == 'text' else 'classes='})")
+    if family.data_kind == "text":
+        return model_builder(cfg, classes), torch.arange(cfg.bptt).remainder(classes).unsqueeze(0)  # (1, bptt) ids
+    if entry.size is None:
+        raise ValueError(f"{entry.name}: its image size comes from its files; register it with size=(height, width) "
+                         f"to count its FLOPs")
+    return model_builder(cfg, classes, in_channels=entry.channels), torch.zeros(1, entry.channels, *entry.size)
 
 
 @lru_cache(maxsize=None)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from heterofl_core.config import dirichlet_alpha
-from heterofl_core.data import ImageData, TextData, batchify
+from heterofl_core.config import dirichlet_alpha, labels_per_user
+from heterofl_core.data import ImageData, TextData
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: lists of tensors have no single truth value
@@ -167,14 +167,20 @@ def split_dirichlet(train_y: Tensor, test_y: Tensor, num_users: int, alpha: floa
     return ClientSplit(train=train, test=test, labels=[torch.unique(train_y[idx]) for idx in train])
 
 
+def share_counts(n: int, shares: Tensor) -> Tensor:
+    """How many of a class's ``n`` samples each user gets under ``shares`` (one per user, summing to 1): the
+    cuts ``round(cumsum(shares) * n)``, the last one at ``n``, differenced. Every sample is dealt once."""
+    cuts = torch.round(torch.cumsum(shares, 0)[:-1] * n).long().clamp(max=n)
+    return torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([n])]).diff()
+
+
 def _cut_by_shares(y: Tensor, shares: Tensor, generator: torch.Generator) -> list[Tensor]:
-    """Each class's indices, shuffled, cut at ``round(cumsum(shares[c]) * n_c)``: per user, its indices (sorted)."""
+    """Each class's indices, shuffled, cut by :func:`share_counts`: per user, its indices (sorted)."""
     parts: list[list[Tensor]] = [[] for _ in range(shares.shape[1])]
     for c in range(shares.shape[0]):
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=generator)]
-        cuts = torch.round(torch.cumsum(shares[c], 0) * len(idx)).long().clamp(max=len(idx))
-        for user, piece in enumerate(torch.tensor_split(idx, cuts[:-1].tolist())):
+        for user, piece in enumerate(torch.split(idx, share_counts(len(idx), shares[c]).tolist())):
             parts[user].append(piece)
     return [torch.sort(torch.cat(user)).values for user in parts]
 
@@ -210,20 +216,55 @@ def split_text(train_rows: Tensor, num_users: int) -> ClientSplit:
 
 
 def split_clients(data: ImageData | TextData, data_split: str, num_users: int, seed: int) -> ClientSplit:
-    """Split a dataset over num_users users: "iid", "non-iid-N" or "dirALPHA" for images, "iid" for text."""
+    """Split a dataset over num_users users: "iid", "non-iid-N" or "dirALPHA" for images, "iid" for text;
+    "none" (centralised training, fed=0): one user holds all the data."""
     generator = torch.Generator().manual_seed(seed)
+    if data_split == "none":
+        return centralised_split(data)
     if isinstance(data, TextData):
         if data_split != "iid":
             raise ValueError(f"data_split for text data must be 'iid', got {data_split!r}")
         return split_text(batchify(data.train, num_users), num_users)
     if data_split == "iid":
         return split_iid(data.train_y, data.test_y, num_users, generator)
-    n = data_split.removeprefix("non-iid-")
-    if data_split.startswith("non-iid-") and n.isdigit() and int(n) >= 1:
-        return split_non_iid(data.train_y, data.test_y, num_users, int(n), generator)
+    if (labels := labels_per_user(data_split)) is not None:
+        return split_non_iid(data.train_y, data.test_y, num_users, labels, generator)
     if (alpha := dirichlet_alpha(data_split)) is not None:
         return split_dirichlet(data.train_y, data.test_y, num_users, alpha, generator)
     raise ValueError(
         f"data_split must be 'iid', 'non-iid-N' with N a positive integer (e.g. 'non-iid-2') or 'dirALPHA' with "
         f"ALPHA > 0 (e.g. 'dir0.3'), got {data_split!r}"
     )
+
+
+def label_counts(split: ClientSplit, train_y: Tensor, num_classes: int) -> Tensor:
+    """(users, classes) int64: how many training samples of each class every user holds."""
+    return torch.stack([torch.bincount(train_y.cpu()[idx.cpu()], minlength=num_classes) for idx in split.train])
+
+
+def centralised_split(data: ImageData | TextData) -> ClientSplit:
+    """fed=0: a single client that holds all the data."""
+    if isinstance(data, TextData):
+        raise ValueError("centralised training (fed=0) is only implemented for image data")
+    everything = torch.arange(data.num_classes)
+    return ClientSplit(train=[torch.arange(len(data.train_y))], test=[torch.arange(len(data.test_y))], labels=[everything])
+
+
+def batchify(stream: Tensor, rows: int) -> Tensor:
+    """Lay a token stream out as `rows` contiguous rows, dropping the tail that does not fit.
+
+    As pytorch/examples word_language_model, without its transpose: row i is the
+    i-th contiguous piece of the text (in HeteroFL, user i owns row i).
+    The stream a b c d e f g h i j k l m with rows = 4 (m does not fit, dropped):
+
+        ┌ a b c ┐  row 0
+        │ d e f │  row 1
+        │ g h i │  row 2
+        └ j k l ┘  row 3
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    length = stream.numel() // rows
+    if length < 1:
+        raise ValueError(f"a stream of {stream.numel()} tokens cannot fill {rows} rows")
+    return stream[: rows * length].view(rows, length)  # (rows, length)

@@ -6,17 +6,18 @@ and a masked-token language-modelling task plug into it through these classes.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import ExperimentConfig
-from .data import ImageData, TextData, augment_batch, batchify
+from .data import ImageData, TextData
 from .evaluation import image_metrics, perplexity_summary, text_window_metrics
 from .losses import label_mask
 from .models import mask_tokens
-from .splits import ClientSplit
+from .splits import ClientSplit, batchify
 from .training import Batch
 
 
@@ -53,7 +54,7 @@ class ImageWorkload:
             for start in range(0, len(order), size):
                 batch = order[start:start + size]
                 x = self.data.train_x[batch]
-                yield (augment_batch(x, generator) if self.data.augment else x), self.data.train_y[batch]
+                yield (augment_batch(x, self.data.black, generator) if self.data.augment else x), self.data.train_y[batch]
         return epoch
 
     def stats_inputs(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -75,7 +76,7 @@ class ImageWorkload:
         batch = self.cfg.sbn_batch
         for index in order.split(max(batch, self.eval_batch_size // batch * batch)):
             x = self.data.train_x[index]
-            yield augment_batch(x, generator) if self.data.augment else x
+            yield augment_batch(x, self.data.black, generator) if self.data.augment else x
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, generator: torch.Generator) -> dict[str, float]:
@@ -142,3 +143,36 @@ def make_workload(data: ImageData | TextData, split: ClientSplit, cfg: Experimen
     if isinstance(data, ImageData):
         return ImageWorkload(data, split, cfg, eval_batch_size)
     return TextWorkload(data, split, cfg, eval_batch_size)
+
+
+CROP_PADDING = 4  # the authors' CIFAR10 training augmentation: random crop with padding 4 (+ horizontal flip)
+
+
+def augment_batch(x: Tensor, fill: tuple[float, ...], generator: torch.Generator | None = None) -> Tensor:
+    """Random crop (padding 4) and random horizontal flip of every image, vectorised over the batch.
+
+    The authors' torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip pad the raw
+    image with black; ``fill`` is black after normalisation (``ImageData.black``: -mean/std
+    per channel), so the result is the same. The random draws come from
+    ``generator`` (on its device) and are moved to x's device, so it runs on CPU and
+    CUDA batches alike.
+    """
+    n, c, h, w = x.shape
+    device = generator.device if generator is not None else x.device
+    shift = torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=generator, device=device).to(x.device)
+    flip = torch.randint(0, 2, (n,), generator=generator, device=device).to(x.device).bool()
+    border = _constant(fill, x.dtype, x.device).view(1, -1, 1, 1)
+    padded = border.expand(n, c, h + 2 * CROP_PADDING, w + 2 * CROP_PADDING).clone()  # (N, C, H+8, W+8)
+    padded[:, :, CROP_PADDING:-CROP_PADDING, CROP_PADDING:-CROP_PADDING] = x
+    rows = shift[0, :, None] + torch.arange(h, device=x.device)  # (N, H)
+    cols = torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(0), cols) + shift[1, :, None]  # (N, W); flipped crop = reversed columns
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # (N, C, H, W)
+
+
+@lru_cache(maxsize=None)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, copied to its device once (a host-to-device copy waits for the GPU)."""
+    return torch.tensor(values, dtype=dtype, device=device)

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from heterofl_core.config import LEVEL_RATES, parse_control
+from heterofl_core.datasets import get_dataset
 from heterofl_core.families import build_model
 from heterofl_core.federated import run_experiment
 from heterofl_core.slicing import Slicer
@@ -27,7 +28,7 @@ from heterofl_core.slicing import Slicer
 from .messages import to_record
 
 PAPER_CONTROL = "1_100_0.1_iid_fix_a1-e1_bn_1_1"
-FAMILY_OPTIONS = {"conv": {}, "resnet18": {}, "transformer": {"vocab_size": 33_279}}  # the paper's models
+FAMILY_OPTIONS = {"conv": {}, "resnet18": {}, "transformer": {"vocab_size": get_dataset("WikiText2").classes}}  # the paper's
 
 
 def level_bytes() -> dict[str, dict[str, Any]]:

@@ -155,7 +155,8 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
 def check_node_data(names: list[str], data_root: str | None) -> None:
     """Raise DataError unless the node's data root holds each dataset of ``names`` (none named: at least one)."""
-    from heterofl_core.data import DataError, dataset_status, resolve_data_root, status_of
+    from heterofl_core.data import DataError, resolve_data_root
+    from heterofl_core.datasets import dataset_status, status_of
     root = resolve_data_root(data_root)
     if not names and not any(row.found for row in dataset_status(root)):
         raise DataError(f"this node's data root {root} holds no dataset; copy one there (`heterofl data status "

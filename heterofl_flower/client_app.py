@@ -21,7 +21,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from heterofl_core.config import ExperimentConfig
-from heterofl_core.data import ImageData, TextData, load_dataset
+from heterofl_core.data import ImageData, TextData
+from heterofl_core.datasets import load_dataset
 from heterofl_core.run_cache import subset
 from heterofl_core.federated import Federation, default_eval_batch_size, resolve_device
 

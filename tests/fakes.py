@@ -66,7 +66,7 @@ def mnist_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_mnist(mnist_data_root: Path):  # -> ImageData
     """That tiny MNIST, loaded: ``from fakes import mnist_data_root, tiny_mnist``."""
-    from heterofl_core.data import load_dataset
+    from heterofl_core.datasets import load_dataset
     return load_dataset("MNIST", mnist_data_root, download=False)
 
 

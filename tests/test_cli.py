@@ -146,13 +146,15 @@ def test_run_bad_control_string(capsys, tmp_path, control, words):
     assert not (tmp_path / "out").exists()
 
 
-def test_run_unknown_dataset_names_it_and_where_it_looked(capsys, tmp_path):
+@pytest.mark.parametrize("name, near", [("NOPE", None), ("fashionmnist", "FashionMNIST"), ("MNST", "MNIST")])
+def test_run_unknown_dataset_lists_the_datasets_and_the_nearest(capsys, tmp_path, name, near):
     (tmp_path / "empty").mkdir()
-    argv = ["run", "--data", "MNST", "--control", CONTROL, "--data-root", str(tmp_path / "empty"), "--device", "cpu"]
+    argv = ["run", "--data", name, "--control", CONTROL, "--data-root", str(tmp_path / "empty"), "--device", "cpu"]
     message = bad_input(capsys, argv)
-    assert "MNST not found" in message
-    assert str(tmp_path / "empty" / "MNST") in message
-    assert "MNIST" in message, "the message lists the built-in dataset names"
+    assert f"unknown dataset {name!r}" in message
+    assert "MNIST, FashionMNIST, KMNIST, EMNIST, CIFAR10, CIFAR100, SVHN, WikiText2" in message
+    assert (f"did you mean {near}?" in message) if near else "did you mean" not in message
+    assert str(tmp_path / "empty") in message, "it says where a folder of one's own would go"
 
 
 def test_run_missing_mnist_says_where_it_looked_and_how_to_get_it(capsys, tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from heterofl_core.aggregation import aggregate
 from heterofl_core.config import parse_control
-from heterofl_core.data import augment_batch
+from heterofl_core.workloads import augment_batch
 from heterofl_core.losses import cross_entropy, label_mask
 from heterofl_core.training import train_client
 from reference import (FAMILIES, RATES, TINY, builder, num_classes, random_labels, random_state_like, shapes_at,
@@ -128,7 +128,7 @@ def test_local_training_with_augmentation_never_waits_for_the_gpu():
 
     def batches():
         order = torch.randperm(len(targets), generator=gen, device=device)
-        return ((augment_batch(images[i], gen), targets[i]) for i in order.split(10))
+        return ((augment_batch(images[i], (0.0, 0.0, 0.0), gen), targets[i]) for i in order.split(10))
 
     mask = label_mask(torch.arange(5, device=device), 10)
     train_client(model, batches, mask, cfg, 0.1)  # warm-up: cuDNN plans, allocator

@@ -204,7 +204,7 @@ def tiny_text_data(vocab: int = 20, n_train: int = 400, n_test: int = 157) -> Te
 def test_text_evaluate_matches_a_loop_over_windows(eval_batch_size):
     """No token masking (rate 0) and eval mode: Global/Local perplexity from one window at a time."""
     data = tiny_text_data()
-    cfg = parse_control("1_4_1_iid_fix_a1_bn_1_1", "toy", bptt=8, embedding_size=16, hidden_size=32,
+    cfg = parse_control("1_4_1_iid_fix_a1_bn_1_1", "SOTU", bptt=8, embedding_size=16, hidden_size=32,
                         num_layers=1, token_mask_rate=0.0, batch_size_test=10)
     split = split_clients(data, "iid", cfg.num_users, cfg.seed)
     workload = TextWorkload(data, split, cfg, eval_batch_size)

@@ -330,7 +330,7 @@ def test_channels_held_are_the_channels_the_round_trains(tmp_path, strategy):
     import math
     from fakes import write_tiny_mnist
     from heterofl_core.config import parse_control
-    from heterofl_core.data import load_dataset
+    from heterofl_core.datasets import load_dataset
     from heterofl_core.federated import Federation
     write_tiny_mnist(tmp_path / "data", n_train=200, n_test=50)
     cfg = parse_control("1_10_0.5_iid_fix_a1-e9_bn_1_1", "MNIST", rounds=3, local_epochs=1, extraction=strategy)

@@ -15,11 +15,12 @@ from torch import nn
 from heterofl_core.cli import main
 from heterofl_core.config import LEVEL_RATES, ConfigError, ExperimentConfig, parse_control
 from heterofl_core.data import ImageData
-from heterofl_core.families import (FAMILIES, ModelFamily, family_for_dataset, get_family, model_builder,
+from heterofl_core.datasets import get_dataset, image_folder, register_dataset, unregister_dataset
+from heterofl_core.families import (FAMILIES, ModelFamily, family_for_data, get_family, model_builder,
                                     register_family, unregister_family)
 from heterofl_core.federated import run_experiment
 from heterofl_core.models.layers import make_scaler, width
-from heterofl_core.sizes import level_size, mixture_sizes
+from heterofl_core.sizes import level_size, mixture_sizes, size_builder
 from heterofl_core.slicing import FULL, LABELS, PREFIX, Axes, Heads, Slicer, default_axes, module_axes
 from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
@@ -53,18 +54,21 @@ def _mlp_options(cfg: ExperimentConfig, classes: int, in_channels: int | None, t
     return dict(num_classes=classes, in_features=(in_channels or 1) * 4 * 4)
 
 
-MLP = ModelFamily(name="mlp", display="Two-layer MLP", model_class=TwoLayerMLP, data_kind="image", datasets=("TOY",),
-                  options=_mlp_options, sample=lambda cfg, classes: torch.zeros(1, 1, 4, 4), classes=4,
+MLP = ModelFamily(name="mlp", display="Two-layer MLP", model_class=TwoLayerMLP, data_kind="image", channels=(),
+                  paper_dataset="TOY", settings={"iid": dict(lr=0.05, rounds=3)}, options=_mlp_options,
                   shown_parameters=("hidden.weight", "head.weight"))
+TOY = image_folder("TOY", channels=1, classes=4, size=(4, 4), about="4x4 grey images whose bright row is the label")
 
 
 @pytest.fixture
 def mlp() -> Iterator[ModelFamily]:
     register_family(MLP)
+    register_dataset(TOY)
     try:
         yield MLP
     finally:
         unregister_family(MLP.name)
+        unregister_dataset(TOY.name)
 
 
 def toy_images(n_train: int = 64, n_test: int = 32, classes: int = 4) -> ImageData:
@@ -82,8 +86,10 @@ def toy_images(n_train: int = 64, n_test: int = 32, classes: int = 4) -> ImageDa
 
 
 def test_a_fourth_family_is_a_model_file_and_one_entry(mlp):
-    cfg = parse_control("1_4_1_iid_fix_a1-c1_none_1_1", "TOY", rounds=1, local_epochs=1, batch_size_train=8)
-    assert cfg.model == "mlp" and family_for_dataset("TOY") is mlp
+    cfg = parse_control("1_4_1_iid_fix_a1-c1_none_1_1", "TOY", model="mlp", rounds=1, local_epochs=1,
+                        batch_size_train=8)
+    assert cfg.model == "mlp" and cfg.lr == 0.01  # grey images: the CNN's paper settings
+    assert family_for_data("image", 1).name == "conv"
     frame = run_experiment(cfg, data=toy_images(), device="cpu", quiet=True)
     test = frame[frame["split"] == "test"].set_index("metric")["value"]
     assert set(frame["round"]) == {1}
@@ -98,8 +104,6 @@ def test_a_fourth_family_is_a_model_file_and_one_entry(mlp):
 def test_a_registered_family_can_be_removed_and_names_are_unique(mlp):
     with pytest.raises(ValueError, match="'mlp' is already registered"):
         register_family(MLP)
-    with pytest.raises(ValueError, match=r"\['MNIST'\] already belong to 'conv'"):
-        register_family(ModelFamily(**{**MLP.__dict__, "name": "mlp2", "datasets": ("MNIST",)}))
     unregister_family("mlp")
     with pytest.raises(ValueError, match="unknown model 'mlp'"):
         get_family("mlp")
@@ -115,20 +119,20 @@ def test_unknown_names_are_refused_with_the_valid_ones():
         ExperimentConfig(model="vgg")
     with pytest.raises(ConfigError, match="did you mean MNIST"):
         parse_control("1_100_0.1_iid_fix_a1_bn_1_1", "mnist")
-    assert family_for_dataset("SOTU").name == "transformer"  # any other name is a text corpus
-    assert [family_for_dataset(name).name for name in ("MNIST", "CIFAR10", "WikiText2")] == \
-        ["conv", "resnet18", "transformer"]
+    # the family follows the data: grey images the CNN, colour ones the ResNet, text the Transformer
+    assert [parse_control("1_100_0.1_iid_fix_a1_bn_1_1", name).model for name in
+            ("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "CIFAR10", "CIFAR100", "SVHN", "WikiText2", "SOTU")] == \
+        ["conv"] * 4 + ["resnet18"] * 3 + ["transformer"] * 2
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_family_builds_at_every_level_and_its_plan_is_accepted(name):
     family = get_family(name)
-    cfg = parse_control("1_10_1_iid_fix_a1_bn_1_1", family.datasets[0])
-    classes = SMALL_VOCAB if family.data_kind == "text" else family.classes
-    build = model_builder(cfg, classes)
+    cfg = parse_control("1_10_1_iid_fix_a1_bn_1_1", family.paper_dataset)
+    build, sample = size_builder(name, vocab_size=SMALL_VOCAB)
+    classes = SMALL_VOCAB if family.data_kind == "text" else get_dataset(family.paper_dataset).classes
     slicer = Slicer(build, cfg.global_rate)
     state = build(cfg.global_rate).state_dict()
-    sample = family.sample(cfg, classes)
     for level, rate in LEVEL_RATES.items():
         model = build(rate)
         model.load_state_dict(slicer.split(state, rate), strict=True)

@@ -17,7 +17,7 @@ from torch import nn
 from heterofl_core import federated, server
 from heterofl_core.cohort import CohortRule
 from heterofl_core.config import LEVEL_RATES, ExperimentConfig, assign_fixed_levels, parse_control
-from heterofl_core.data import load_dataset
+from heterofl_core.datasets import load_dataset
 from heterofl_core.families import model_builder
 from heterofl_core.federated import Federation, round_generator, run_experiment
 from heterofl_core.runs import BEST_LABEL, METRIC_COLUMNS, RunError, read_metrics
@@ -32,10 +32,10 @@ TRAIN_METRICS = {"train_loss", "train_accuracy", "lr"}
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    """A data root with a tiny MNIST (200 train / 50 test) and a tiny text corpus TINY."""
+    """A data root with a tiny MNIST (200 train / 50 test) and a tiny text corpus in SOTU's place."""
     root = tmp_path_factory.mktemp("data")
     write_tiny_mnist(root, n_train=200, n_test=50)
-    write_tiny_corpus(root, "TINY")
+    write_tiny_corpus(root, "SOTU")
     return root
 
 
@@ -169,7 +169,7 @@ def test_resuming_a_finished_run_does_nothing(tmp_path, mnist):
 
 def test_text_resume_equals_an_uninterrupted_run(tmp_path, data_root):
     """Text rounds draw dropout and token masks too; a resumed run must draw the same ones."""
-    cfg = config("1_4_0.5_iid_fix_a1-c1_bn_1_1", "TINY", rounds=3)
+    cfg = config("1_4_0.5_iid_fix_a1-c1_bn_1_1", "SOTU", rounds=3)
     whole = run_experiment(cfg, data_root=data_root, device="cpu", quiet=True)
     out = tmp_path / "run"
     run_experiment(cfg.replace(rounds=1), data_root=data_root, out_dir=out, device="cpu", quiet=True)
@@ -294,7 +294,7 @@ def test_non_iid_local_accuracy_uses_each_users_labels(mnist):
 
 
 def test_text_run_end_to_end(tmp_path, data_root):
-    cfg = config("1_4_0.5_iid_fix_a1-c1_bn_1_1", "TINY", rounds=2)
+    cfg = config("1_4_0.5_iid_fix_a1-c1_bn_1_1", "SOTU", rounds=2)
     frame = run_experiment(cfg, data_root=data_root, out_dir=tmp_path / "run", device="cpu", quiet=True)
     last = frame[frame["round"] == 2].set_index("metric")["value"]
     for name in ("global_perplexity", "local_perplexity", "global_loss", "local_loss", "train_loss"):
@@ -306,7 +306,7 @@ def test_text_run_end_to_end(tmp_path, data_root):
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
     ppl = frame[frame["metric"] == "global_perplexity"]["value"].tolist()
     assert best["run"]["round"] == 1 + ppl.index(min(ppl)), "lower perplexity is better"
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["name"] == "TINY"
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"]["name"] == "SOTU"
 
 
 def test_eval_every_tests_only_on_schedule_and_at_the_last_round(mnist):
@@ -385,7 +385,7 @@ def capture_round(monkeypatch, federation: Federation, state, round_: int) -> tu
     return plan.users, seen["rates"], seen["states"]
 
 
-@pytest.mark.parametrize("dataset", ["MNIST", "TINY"])
+@pytest.mark.parametrize("dataset", ["MNIST", "SOTU"])
 def test_a_client_trained_alone_equals_the_same_client_inside_a_full_round(monkeypatch, data_root, dataset):
     """Trained alone, in another Federation (another 'process'), in reverse order, after other work:
     the same tensors bit for bit, because a client draws only from its own generator."""
@@ -424,7 +424,7 @@ def module_forwards() -> dict[type, object]:
     return found
 
 
-@pytest.mark.parametrize("dataset", ["MNIST", "TINY"])
+@pytest.mark.parametrize("dataset", ["MNIST", "SOTU"])
 def test_run_experiment_leaves_the_process_as_it_was(monkeypatch, data_root, dataset):
     """torch's global RNG (CPU), its thread count, every module class's forward, and the C
     allocator (no libc calls: ctypes.CDLL is made to fail) are as before the run."""

@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord  # noqa: E402
 from heterofl_core.aggregation import aggregate  # noqa: E402
 from heterofl_core.cohort import CohortRule  # noqa: E402
 from heterofl_core.config import LEVEL_RATES, parse_control  # noqa: E402
-from heterofl_core.data import load_dataset  # noqa: E402
+from heterofl_core.datasets import load_dataset  # noqa: E402
 from heterofl_core.federated import Federation, add_states, run_experiment  # noqa: E402
 from heterofl_core.runs import read_metrics  # noqa: E402
 from heterofl_core.server import is_reply_count  # noqa: E402

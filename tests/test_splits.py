@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from heterofl_core import splits as splits_module
-from heterofl_core.data import ImageData, TextData, batchify, load_dataset
+from heterofl_core.data import ImageData, TextData
+from heterofl_core.datasets import load_dataset
+from heterofl_core.splits import batchify
 from heterofl_core.splits import ClientSplit, split_clients, split_iid, split_non_iid, split_text
 
 SHARED_DATA = Path(
@@ -191,7 +193,14 @@ def test_split_clients_dispatch_and_seed():
     assert torch.equal(t.labels[0], torch.arange(10))
 
 
-@pytest.mark.parametrize("bad", ["none", "non-iid", "non-iid-0", "non-iid-x", "noniid-2", "IID", "dir", "dir0",
+def test_split_none_is_one_user_holding_everything():
+    data = toy_images(200, 50)
+    split = split_clients(data, "none", 1, seed=0)
+    assert [len(t) for t in split.train] == [200] and [len(t) for t in split.test] == [50]
+    assert split.labels[0].tolist() == list(range(data.num_classes))
+
+
+@pytest.mark.parametrize("bad", ["non-iid", "non-iid-0", "non-iid-x", "noniid-2", "IID", "dir", "dir0",
                                  "dir-1", "dirx", "dirnan", "dirinf"])
 def test_split_clients_refuses_unknown_modes(bad):
     with pytest.raises(ValueError, match=f"data_split must be 'iid', 'non-iid-N' .*'dirALPHA' .*got '{bad}'"):
