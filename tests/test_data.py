@@ -25,6 +25,7 @@ from heterofl_core.datasets import CIFAR10_CLASSES, get_dataset, load_dataset
 from heterofl_core.splits import batchify
 from heterofl_core.workloads import augment_batch
 from fakes import (  # writers shared with other test modules
+    unchecked_releases,  # noqa: F401  (a fixture, by name)
     TEST,
     TRAIN,
     VALID,
@@ -40,13 +41,6 @@ from fakes import (  # writers shared with other test modules
 CIFAR10_MEAN, CIFAR10_STD = get_dataset("CIFAR10").mean, get_dataset("CIFAR10").std
 
 
-@pytest.fixture
-def unchecked_releases(monkeypatch):
-    """torchvision compares CIFAR's and SVHN's files with the release's MD5s before reading them; a test's small
-    files in the same layout are not the release's bytes, so that one comparison is skipped (nothing else)."""
-    for name in ("CIFAR10", "CIFAR100", "SVHN"):
-        monkeypatch.setattr(f"torchvision.datasets.{name}._check_integrity", lambda self: True)
-    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda path, md5=None: os.path.isfile(path))
 
 
 SHARED_DATA = Path(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -19,19 +18,12 @@ from heterofl_core.data import DataError, ImageData
 from heterofl_core.datasets import get_dataset, image_folder, load_dataset, register_dataset
 from heterofl_core.federated import Federation, run_experiment
 from heterofl_core.sizes import level_size
-from fakes import write_idx
+from fakes import unchecked_releases, write_idx  # noqa: F401  (a fixture, by name)
 from reference import one_cpu_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 TINY_RESNET = "1_2_1_iid_fix_e1_bn_1_1"  # two users, both every round, the narrowest ResNet: cheap end to end
 
 
-@pytest.fixture
-def unchecked_releases(monkeypatch):
-    """torchvision compares CIFAR's and SVHN's files with the release's MD5s before reading them; a test's small
-    files in the same layout are not the release's bytes, so that one comparison is skipped (nothing else)."""
-    for name in ("CIFAR10", "CIFAR100", "SVHN"):
-        monkeypatch.setattr(f"torchvision.datasets.{name}._check_integrity", lambda self: True)
-    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda path, md5=None: os.path.isfile(path))
 
 
 @pytest.fixture
