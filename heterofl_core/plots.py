@@ -695,6 +695,25 @@ def save_figure(fig: plt.Figure, figures_dir: str | Path, name: str, meta: dict[
     return paths
 
 
+def write_figure_index(figures_dir: str | Path) -> pd.DataFrame:
+    """``README.md`` of the figures folder: every figure with its record (profile, code, date, caption), from the
+    records there now; returns the index as a table. ``heterofl reproduce`` writes it after the last notebook."""
+    folder = Path(figures_dir)
+    records = [r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))) if "figure" in r]
+    lines = ["# Figures", "", "Written by `heterofl reproduce` (the notebooks that draw figures: 05 to 12). Each figure "
+             "has a JSON record beside it: profile, configs, data source, code version, date, and what the profile "
+             "cut from the paper's settings.", ""]
+    for r in records:
+        trained = [f"trained with: {', '.join(v['code_version'] for v in r['trained_with'])}  "] \
+            if r.get("trained_with") else []
+        lines += [f"## {r['figure']}: {r['title']}", "", f"![{r['figure']}]({r['figure']}.png)", "",
+                  f"profile `{r['profile']}`, drawn by code `{r['code_version']}`, {r['date']}  ", *trained,
+                  *(f"{line}  " for line in r.get("caption", "").split(" | ") if line), ""]
+    (folder / "README.md").write_text("\n".join(lines))
+    return pd.DataFrame([{"figure": r["figure"], "title": r["title"], "profile": r["profile"], "date": r["date"],
+                          "files": ", ".join(r["files"])} for r in records])
+
+
 def _strict_json(value: Any) -> Any:
     """``value`` with every NaN (a missing number, e.g. the line of an x-alone point) as None: strict JSON."""
     if isinstance(value, dict):

@@ -177,6 +177,9 @@ def reproduce(profile: str, only: Sequence[str] | None = None, out: str | os.Pat
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     summary["finished"] = _now()
     summary["figures_written"] = sorted(p.name for p in figures_dir.glob("*.png")) if figures_dir.is_dir() else []
+    if summary["figures_written"]:
+        from .plots import write_figure_index  # matplotlib: only when there are figures to index
+        write_figure_index(figures_dir)  # after the last notebook: every figure's record as it now is
     _write(summary_paths, summary)
     print(f"done in {summary['wall_seconds']:.0f} s; {len(summary['figures_written'])} figures in {figures_dir}; "
           f"summary {summary_paths[0]}", flush=True)
