@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data import DATA_ROOT_RULE, DataError, resolve_data_root
-from .datasets import DATASETS, DatasetStatus, dataset_status, fetch_dataset, status_of
+from .datasets import DATASETS, DatasetStatus, dataset_status, fetch_dataset, fetchable, status_of
 
-FETCHABLE = [d.name for d in DATASETS.values() if d.fetch is not None]
+FETCHABLE = fetchable()
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:

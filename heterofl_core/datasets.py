@@ -114,6 +114,11 @@ def dataset_names() -> list[str]:
     return list(DATASETS)
 
 
+def fetchable() -> list[str]:
+    """The registered datasets `heterofl data fetch` can download."""
+    return [d.name for d in DATASETS.values() if d.fetch is not None]
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -146,13 +151,25 @@ def image_data(entry: Dataset, images: Images) -> ImageData:
                         f"but it has {classes} classes")
     if entry.mean is not None and entry.std is not None:
         mean, std = entry.mean, entry.std
-    else:  # the training images' per-channel mean and standard deviation, on the 0-1 scale
-        pixels = images.train_x.transpose(0, 1).reshape(channels, -1).double() / 255
-        mean, std = tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).clamp_min(1e-6).tolist())
+    else:
+        mean, std = pixel_mean_std(images.train_x)
     return ImageData(name=entry.name, source=images.source,
                      train_x=normalise(images.train_x, mean, std), train_y=images.train_y,
                      test_x=normalise(images.test_x, mean, std), test_y=images.test_y,
                      num_classes=classes, augment=entry.augment, mean=mean, std=std, class_names=images.classes)
+
+
+def pixel_mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (unbiased) standard deviation of uint8 ``(N, C, H, W)`` images on the 0-1 scale,
+    from each channel's histogram of its 256 values: exact, and no float copy of the images."""
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean, std = [], []
+    for channel in range(images.shape[1]):
+        counts = torch.bincount(images[:, channel].reshape(-1), minlength=256).double()
+        n = counts.sum()
+        mean.append((counts * values).sum() / n)
+        std.append(((counts * (values - mean[-1]) ** 2).sum() / (n - 1)).sqrt().clamp_min(1e-6))
+    return tuple(m.item() for m in mean), tuple(s.item() for s in std)
 
 
 def _fetch_or_refuse(entry: Dataset, root: Path, download: bool) -> None:
@@ -185,8 +202,7 @@ def fetch_dataset(name: str, data_root: str | os.PathLike | None = None, progres
     root = resolve_data_root(data_root)
     entry = get_dataset(name, root)
     if entry.fetch is None:
-        fetchable = [d.name for d in DATASETS.values() if d.fetch is not None]
-        raise DataError(f"{name} has no download source ({entry.about}): fetch knows {', '.join(fetchable)}. "
+        raise DataError(f"{name} has no download source ({entry.about}): fetch knows {', '.join(fetchable())}. "
                         f"Copy it into {root} as {entry.layout[0]}; `heterofl data status` lists what is there")
     if not status_of(name, root).found:
         try:
@@ -241,7 +257,12 @@ def _files_label(entry: Dataset, where: Path, files: list[Path]) -> str:
         return entry.describe(where, files)
     if entry.kind == "text":
         return f"{entry.name} ({text_files.find_text([where], True)[0] if where.is_dir() else 'original archive'})"
-    return image_files.copy_label(entry.name, image_files.suffix_formats(where if where.is_file() else None, files))
+    return _copy_label(entry.name, where, files)
+
+
+def _copy_label(name: str, where: Path, files: list[Path]) -> str:
+    """An image folder or archive named by its files' formats (an archive: its first image's)."""
+    return image_files.copy_label(name, image_files.suffix_formats(where if where.is_file() else None, files))
 
 
 # ---------------------------------------------------------------- kinds of entries
@@ -254,8 +275,7 @@ def torchvision_dataset(name: str, about: str, files: TorchvisionFiles, *, class
     folder = files.folder or files.files[0].split("/")[0]
 
     def find(root: Path) -> Found | None:
-        paths = files.paths(root)
-        return (root / folder, paths) if all(p.is_file() for p in paths) else None
+        return (root / folder, files.paths(root)) if files.present(root) else None
 
     return Dataset(
         name=name, kind="image", about=about, folder=folder, classes=classes, channels=channels, size=size,
@@ -290,7 +310,11 @@ def image_folder(name: str, *, channels: int = 3, classes: int | None = None, si
 
 
 def _find_image_folder(folder: str, root: Path) -> Found | None:
-    found = image_files.find_image_folder(root / folder)
+    return _image_copy_found(image_files.find_image_folder(root / folder))
+
+
+def _image_copy_found(found: Path | None) -> Found | None:
+    """An image folder with its image files, or an archive as its one file; None for None."""
     if found is None:
         return None
     return (found, [p for p, _ in image_files.list_image_folder(found)]) if found.is_dir() else (found, [found])
@@ -347,7 +371,7 @@ def own_folders(root: Path) -> list[str]:
 
 def _cifar10_read(root: Path, cache: Path) -> Images:
     """CIFAR10 from torchvision's pickled batches, else from an image folder or archive of the 60,000 images."""
-    if CIFAR10_BATCHES.paths(root)[0].is_file():
+    if CIFAR10_BATCHES.present(root):
         return image_files.read_torchvision(CIFAR10_BATCHES, root, "CIFAR10")
     found = _cifar10_copy(root)
     images = image_files.read_image_folder(found, "CIFAR10", cache, "RGB")
@@ -365,19 +389,15 @@ def _cifar10_copy(root: Path) -> Path | None:
 
 
 def _cifar10_find(root: Path) -> Found | None:
-    paths = CIFAR10_BATCHES.paths(root)
-    if all(p.is_file() for p in paths):
-        return root / "CIFAR10", paths
-    found = _cifar10_copy(root)
-    if found is None:
-        return None
-    return (found, [p for p, _ in image_files.list_image_folder(found)]) if found.is_dir() else (found, [found])
+    if CIFAR10_BATCHES.present(root):
+        return root / "CIFAR10", CIFAR10_BATCHES.paths(root)
+    return _image_copy_found(_cifar10_copy(root))
 
 
 def _cifar10_describe(where: Path, files: list[Path]) -> str:
     if files == CIFAR10_BATCHES.paths(where.parent):
         return "CIFAR10 (pickled batches)"
-    return image_files.copy_label("CIFAR10", image_files.suffix_formats(where if where.is_file() else None, files))
+    return _copy_label("CIFAR10", where, files)
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -67,6 +67,10 @@ class TorchvisionFiles:
     def paths(self, root: Path) -> list[Path]:
         return [root / self.folder / file for file in self.files]
 
+    def present(self, root: Path) -> bool:
+        """Every file torchvision reads is there."""
+        return all(path.is_file() for path in self.paths(root))
+
     def dataset(self, root: Path, split: str, download: bool = False) -> torchvision.datasets.VisionDataset:
         """torchvision's dataset object for one split (``train`` or ``test``)."""
         which = {"train": split == "train"} if self.split_arg == "train" else {"split": split}
@@ -218,20 +222,14 @@ def is_image(filename: str) -> bool:
     return filename.lower().endswith(IMAGE_SUFFIXES) and not filename.startswith(".")
 
 
-def first_image_mode(found: Path) -> str:
-    """PIL's mode of the first image of a folder or archive ("L", "RGB", ...), without decoding the rest."""
-    if found.is_dir():
-        files = list_image_folder(found)
-        if not files:
-            return ""
-        with Image.open(files[0][0]) as image:
-            return image.mode
-    with tarfile.open(found, "r:gz") as tar:
-        member = next((m for m in tar if m.isfile() and is_image(Path(m.name).name)), None)
-        if member is None:
-            return ""
-        with Image.open(io.BytesIO(tar.extractfile(member).read())) as image:
-            return image.mode
+def first_image_mode(folder: Path) -> str:
+    """PIL's mode ("L", "RGB", ...) of the first training image of an image folder ("" if it has none), read
+    from its header alone."""
+    first = next((path for path in sorted((folder / "train").glob("*/*")) if is_image(path.name)), None)
+    if first is None:
+        return ""
+    with Image.open(first) as image:
+        return image.mode
 
 
 def _decode_folder(folder: Path, files: list[tuple[Path, os.stat_result]], mode: str, name: str) -> dict:

@@ -139,7 +139,8 @@ def size_builder(model_name: str, global_level: str = "a", *, vocab_size: int | 
     ``dataset`` (default: the family's paper dataset, e.g. CIFAR10 for the ResNet) gives the classes,
     input channels and image size; ``vocab_size`` replaces a text corpus's vocabulary.
     """
-    family, entry = get_family(model_name), get_dataset(dataset or get_family(model_name).paper_dataset)
+    family = get_family(model_name)
+    entry = get_dataset(dataset or family.paper_dataset)
     cfg = paper_config(model_name, global_level, entry.name, **fields)
     classes = vocab_size if vocab_size and family.data_kind == "text" else entry.classes
     if classes is None:
